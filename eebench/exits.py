@@ -1,0 +1,177 @@
+"""The exit rule and the one-pass threshold sweep.
+
+A sample leaves at the first internal layer m < M whose signal meets the exit condition, else at
+layer M; its prediction is the argmax of that layer. The decision at m depends only on layers
+1..m, so every threshold can be simulated from the logits of all layers computed in one pass.
+Training (COSEE), sweeping, the inference engine and analysis all call these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from eebench.metrics import exit_counts, exit_decision_rates, get_metric, speedup_ratios
+from eebench.signals import Signal, get_signal
+
+
+def exit_layers_from_scores(scores: torch.Tensor, signal: Signal, thresholds) -> torch.Tensor:
+    """Scores [N, M] and T thresholds -> LongTensor [T, N] of 1-based exit layers."""
+    thr = torch.as_tensor(thresholds, dtype=scores.dtype, device=scores.device).reshape(-1, 1, 1)
+    m = scores.shape[-1]
+    meets = signal.meets(scores[None, :, : m - 1], thr)  # [T, N, M-1]
+    first = meets.to(torch.uint8).argmax(-1)  # first True (argmax returns the first maximum)
+    return torch.where(meets.any(-1), first + 1, torch.full_like(first, m))
+
+
+def simulate_exits(layer_logits: torch.Tensor, signal: str | Signal, thresholds) -> torch.Tensor:
+    """1-based exit layers, LongTensor [T, N], for logits [N, M, C] and T thresholds."""
+    sig = get_signal(signal)
+    return exit_layers_from_scores(sig.score(layer_logits), sig, thresholds)
+
+
+def predictions_at_exit(layer_logits: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
+    """Argmax of the layer each sample left at: [N, M, C] + [T, N] -> [T, N]."""
+    preds = layer_logits.argmax(-1)  # [N, M]
+    return preds.T.gather(0, exit_layers - 1) if exit_layers.dim() == 2 else preds.gather(
+        1, (exit_layers - 1).unsqueeze(1)
+    ).squeeze(1)
+
+
+def threshold_grid(scores: torch.Tensor, signal: Signal, n: int = 100) -> torch.Tensor:
+    """Thresholds spread over the observed range of internal-layer scores.
+
+    Continuous signals: quantiles of the observed values (so that points spread evenly over exit
+    behaviour, not over raw values), widened just past both ends so that "nobody exits early"
+    and "everybody exits at layer 1" are in the grid. Patience: every integer 1..M-1.
+    """
+    m = scores.shape[-1]
+    if signal.integer:
+        return torch.arange(1, max(m, 2), dtype=torch.float64)
+    vals = scores[:, : m - 1].reshape(-1).double()
+    if vals.numel() == 0:
+        return torch.tensor([0.5], dtype=torch.float64)
+    q = torch.quantile(vals, torch.linspace(0, 1, max(n - 2, 1), dtype=torch.float64))
+    span = (vals.max() - vals.min()).clamp_min(1e-6)
+    ends = torch.stack([vals.min() - 1e-3 * span, vals.max() + 1e-3 * span])
+    return torch.unique(torch.cat([ends, q]))
+
+
+def pareto_front(speedups, scores) -> torch.Tensor:
+    """Indices of non-dominated points (no other point is at least as fast and as good, and
+    better in one), sorted by speed-up ascending."""
+    s = torch.as_tensor(speedups, dtype=torch.float64)
+    v = torch.as_tensor(scores, dtype=torch.float64)
+    # Sort by speed-up descending, then score descending; a point is on the front when its score
+    # beats every faster point's score.
+    order = sorted(range(len(s)), key=lambda i: (-float(s[i]), -float(v[i])))
+    best, keep = -float("inf"), []
+    for i in order:
+        if float(v[i]) > best:
+            keep.append(i)
+            best = float(v[i])
+    return torch.tensor(sorted(keep, key=lambda i: float(s[i])), dtype=torch.long)
+
+
+def metric_at_speedup(speedups, scores, target: float) -> float:
+    """Best score among points at least ``target`` times faster (NaN if none reach it)."""
+    s = torch.as_tensor(speedups, dtype=torch.float64)
+    v = torch.as_tensor(scores, dtype=torch.float64)
+    ok = s >= target - 1e-9
+    return float(v[ok].max()) if ok.any() else float("nan")
+
+
+def area_under_front(speedups, scores, num_layers: int) -> float:
+    """Area under the staircase "best score at speed-up >= s" for s in [1, M], divided by M - 1:
+    a score-weighted mean over the whole range of possible speed-ups (unreached speed-ups count 0)."""
+    front = pareto_front(speedups, scores)
+    s = torch.as_tensor(speedups, dtype=torch.float64)[front]
+    v = torch.as_tensor(scores, dtype=torch.float64)[front]
+    if num_layers <= 1:
+        return float(v.max())
+    area, left = 0.0, 1.0
+    for si, vi in zip(s.tolist(), v.tolist(), strict=True):  # ascending speed-up, descending score
+        right = min(si, float(num_layers))
+        if right > left:
+            area += (right - left) * vi
+            left = right
+    return area / (num_layers - 1)
+
+
+@dataclass
+class Sweep:
+    """Every threshold of one signal on one set of cached logits."""
+
+    signal: str
+    num_layers: int
+    thresholds: torch.Tensor  # [T]
+    exit_layers: torch.Tensor  # [T, N]
+    counts: torch.Tensor  # [T, M]
+    speedups: torch.Tensor  # [T]
+    metrics: dict[str, torch.Tensor]  # name -> [T]
+    premature: torch.Tensor  # [T]
+    delayed: torch.Tensor  # [T]
+    main_metric: str = "accuracy"
+    extra: dict = field(default_factory=dict)
+
+    def front(self) -> torch.Tensor:
+        return pareto_front(self.speedups, self.metrics[self.main_metric])
+
+    def at_speedup(self, target: float) -> float:
+        return metric_at_speedup(self.speedups, self.metrics[self.main_metric], target)
+
+    def area(self) -> float:
+        return area_under_front(self.speedups, self.metrics[self.main_metric], self.num_layers)
+
+    def records(self) -> list[dict]:
+        """One plain dict per threshold (for JSON, CSV and MLflow)."""
+        front = set(self.front().tolist())
+        out = []
+        for t in range(len(self.thresholds)):
+            rec = {
+                "threshold": float(self.thresholds[t]),
+                "speedup": float(self.speedups[t]),
+                "exit_counts": [int(c) for c in self.counts[t]],
+                "premature_rate": float(self.premature[t]),
+                "delayed_rate": float(self.delayed[t]),
+                "pareto": t in front,
+            }
+            rec.update({k: float(v[t]) for k, v in self.metrics.items()})
+            out.append(rec)
+        return out
+
+
+def sweep(
+    layer_logits: torch.Tensor,
+    labels: torch.Tensor,
+    signal: str | Signal,
+    thresholds=None,
+    metrics: tuple[str, ...] = ("accuracy",),
+    num_thresholds: int = 100,
+) -> Sweep:
+    """Simulate every threshold at once from cached logits [N, M, C] and score each."""
+    sig = get_signal(signal)
+    sig.check_task(layer_logits.shape[-1])
+    labels = torch.as_tensor(labels).to(layer_logits.device)
+    scores = sig.score(layer_logits)
+    if thresholds is None:
+        thresholds = threshold_grid(scores, sig, num_thresholds)
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
+    m = layer_logits.shape[1]
+    el = exit_layers_from_scores(scores.double(), sig, thresholds.to(scores.device))
+    preds = predictions_at_exit(layer_logits, el)
+    correct = layer_logits.argmax(-1) == labels.unsqueeze(1)
+    premature, delayed = exit_decision_rates(el, correct)
+    return Sweep(
+        signal=sig.name,
+        num_layers=m,
+        thresholds=thresholds.cpu(),
+        exit_layers=el.cpu(),
+        counts=exit_counts(el, m).cpu(),
+        speedups=speedup_ratios(el, m).cpu(),
+        metrics={name: get_metric(name).batched(preds, labels).cpu() for name in metrics},
+        premature=premature.cpu(),
+        delayed=delayed.cpu(),
+        main_metric=metrics[0],
+    )

