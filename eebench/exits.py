@@ -17,8 +17,12 @@ from eebench.signals import Signal, get_signal
 
 
 def exit_layers_from_scores(scores: torch.Tensor, signal: Signal, thresholds) -> torch.Tensor:
-    """Scores [N, M] and T thresholds -> LongTensor [T, N] of 1-based exit layers."""
-    thr = torch.as_tensor(thresholds, dtype=scores.dtype, device=scores.device).reshape(-1, 1, 1)
+    """Scores [N, M] and T thresholds -> LongTensor [T, N] of 1-based exit layers.
+
+    Comparisons are made in float64, as in true early exit, so that a threshold is never
+    rounded onto a score."""
+    scores = scores.double()
+    thr = torch.as_tensor(thresholds, dtype=torch.float64, device=scores.device).reshape(-1, 1, 1)
     m = scores.shape[-1]
     meets = signal.meets(scores[None, :, : m - 1], thr)  # [T, N, M-1]
     first = meets.to(torch.uint8).argmax(-1)  # first True (argmax returns the first maximum)
@@ -159,7 +163,7 @@ def sweep(
         thresholds = threshold_grid(scores, sig, num_thresholds)
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
     m = layer_logits.shape[1]
-    el = exit_layers_from_scores(scores.double(), sig, thresholds.to(scores.device))
+    el = exit_layers_from_scores(scores, sig, thresholds.to(scores.device))
     preds = predictions_at_exit(layer_logits, el)
     correct = layer_logits.argmax(-1) == labels.unsqueeze(1)
     premature, delayed = exit_decision_rates(el, correct)

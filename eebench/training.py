@@ -1,0 +1,312 @@
+"""The trainer shared by every strategy: AdamW, linear decay, clipping, accumulation, resumable.
+
+Reference defaults (COSEE's official code): AdamW lr 2e-5, eps 1e-8, no weight decay, linear
+decay without warm-up, gradient clipping at 1.0. ``batch_size`` is the effective batch;
+``micro_batch_size`` splits it for gradient accumulation so the reference batch of 128 fits
+anywhere. Checkpoints (model, optimiser, scheduler, RNG and strategy state) are safetensors +
+JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from eebench.errors import EebenchError
+from eebench.metrics import compute_metrics
+from eebench.models import MultiExitModel, _atomic, pick_device
+from eebench.strategy import StepContext, Strategy, set_trainable
+
+log = logging.getLogger("eebench")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    head_lr: float | None = None  # None: same as lr
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int | None = None  # None: no accumulation
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only)
+    checkpoint_every: int = 50  # optimiser steps; 0: only at epoch ends
+    group_by_length: bool = False
+    eval_batch_size: int = 64
+    progress: bool = True
+
+    def accumulation(self) -> int:
+        mb = self.micro_batch_size or self.batch_size
+        if self.batch_size % mb:
+            raise EebenchError(f"batch size {self.batch_size} is not a multiple of micro-batch size {mb}")
+        return self.batch_size // mb
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one entry per epoch: per-layer dev metrics
+    steps: int = 0
+    train_seconds: float = 0.0
+    resumed_from_step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def collect_logits(model: MultiExitModel, tokenized, tokenizer, batch_size: int = 64, device=None):
+    """Logits of every exit for a whole split in one pass each batch: ([N, M, C] float32, labels [N]),
+    in the dataset's row order."""
+    from eebench.data import make_loader
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = len(tokenized)
+    out = None
+    labels = None
+    for batch in make_loader(tokenized, tokenizer, batch_size, shuffle=False, group_by_length=True):
+        idx = batch["index"]
+        logits = model(**_model_inputs(batch, device)).float().cpu()
+        if out is None:
+            out = torch.zeros(n, *logits.shape[1:])
+            labels = torch.zeros(n, dtype=batch["labels"].dtype)
+        out[idx] = logits
+        labels[idx] = batch["labels"]
+    model.train(was_training)
+    return out, labels
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+def layer_metrics(layer_logits: torch.Tensor, labels: torch.Tensor, metric_names: list[str]) -> list[dict]:
+    """Task metrics of every exit classifier: one dict per layer."""
+    preds = layer_logits.argmax(-1)
+    return [compute_metrics(metric_names, preds[:, m].numpy(), labels.numpy()) for m in range(preds.shape[1])]
+
+
+def collapsed_layers(layer_logits: torch.Tensor, labels: torch.Tensor, metric: str, tol: float = 0.01) -> list[int]:
+    """1-based internal layers whose dev score is no better (within ``tol``) than always
+    predicting the majority class: their exits can only hurt."""
+    majority = torch.bincount(labels.long()).argmax()
+    base = compute_metrics([metric], np.full(len(labels), int(majority)), labels.numpy())[metric]
+    scores = layer_metrics(layer_logits, labels, [metric])
+    return [m + 1 for m, s in enumerate(scores[:-1]) if s[metric] <= base + tol]
+
+
+class Trainer:
+    """Trains a MultiExitModel with a strategy; resumable from its checkpoint folder."""
+
+    def __init__(self, model: MultiExitModel, strategy: Strategy, cfg: TrainConfig, tokenizer, spec,
+                 out_dir: str | Path | None = None, on_epoch: Callable[[int, dict], None] | None = None):
+        self.model, self.strategy, self.cfg = model, strategy, cfg
+        self.tokenizer, self.spec = tokenizer, spec
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.on_epoch = on_epoch
+        self.device = pick_device(cfg.device)
+        if cfg.precision not in ("fp32", "bf16", "fp16"):
+            raise EebenchError(f"unknown precision {cfg.precision!r}; known: fp32, bf16, fp16")
+
+    # -- optimiser ------------------------------------------------------------------------
+    def _optimizer(self):
+        head, body = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (head if name.startswith("heads.") else body).append(p)
+        groups = [g for g in (
+            {"params": body, "lr": self.cfg.lr},
+            {"params": head, "lr": self.cfg.head_lr or self.cfg.lr},
+        ) if g["params"]]
+        return torch.optim.AdamW(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.precision != "fp32":
+            dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    # -- main loop --------------------------------------------------------------------------
+    def train(self, train_ds, dev_ds, resume: bool = False) -> TrainResult:
+        from eebench.data import make_loader
+
+        cfg, model = self.cfg, self.model
+        accum = cfg.accumulation()
+        mb = cfg.micro_batch_size or cfg.batch_size
+        seed_everything(cfg.seed)
+        model.to(self.device)
+        phases = self.strategy.phases()
+        micro_per_epoch = math.ceil(len(train_ds) / mb)
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        phase_epochs = [cfg.epochs * p.epochs_factor for p in phases]
+        total_steps = steps_per_epoch * sum(phase_epochs)
+        result = TrainResult()
+        state = {"phase": 0, "epoch": 0, "micro": 0, "step": 0}
+        ckpt = self.out_dir / "checkpoint" if self.out_dir else None
+        if resume and ckpt is not None and (ckpt / "trainer_state.json").exists():
+            state, result.history = self._peek_state(ckpt)
+            result.resumed_from_step = state["step"]
+        scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.precision == "fp16") else None
+        t0 = time.perf_counter()
+        for pi in range(state["phase"], len(phases)):
+            set_trainable(model, phases[pi].trainable)
+            opt = self._optimizer()
+            phase_steps = steps_per_epoch * phase_epochs[pi]
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, T=phase_steps: max(0.0, 1 - s / max(T, 1)))
+            if resume and ckpt is not None and (ckpt / "trainer_state.json").exists() and pi == state["phase"]:
+                self._load_checkpoint(ckpt, opt, sched)
+            first_epoch = state["epoch"] if pi == state["phase"] else 0
+            for epoch in range(first_epoch, phase_epochs[pi]):
+                skip = state["micro"] if (pi == state["phase"] and epoch == state["epoch"]) else 0
+                model.train()
+                loader = make_loader(train_ds, self.tokenizer, mb, shuffle=True,
+                                     seed=cfg.seed * 1000 + pi * 100 + epoch, group_by_length=cfg.group_by_length)
+                bar = tqdm(total=micro_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+                           desc=f"{self.strategy.name} {phases[pi].name} epoch {epoch + 1}/{phase_epochs[pi]}")
+                opt.zero_grad(set_to_none=True)
+                for micro, batch in enumerate(loader):
+                    if micro < skip:
+                        continue
+                    ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi)
+                    with self._autocast():
+                        logits = model(**_model_inputs(batch, self.device))
+                    loss, logs = self.strategy.loss(logits.float(), batch["labels"].to(self.device), ctx)
+                    loss = loss * (len(batch["labels"]) / mb) / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    bar.update(1)
+                    last = micro + 1 == micro_per_epoch
+                    if (micro + 1) % accum == 0 or last:
+                        if scaler:
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+                        state["step"] += 1
+                        bar.set_postfix(loss=f"{float(loss) * accum:.4f}")
+                        state["micro"] = micro + 1
+                        if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and not last:
+                            state.update(phase=pi, epoch=epoch)
+                            self._save_checkpoint(ckpt, opt, sched, state, result.history)
+                bar.close()
+                self.strategy.on_epoch_end(epoch)
+                metrics = self.evaluate(dev_ds)
+                entry = {"phase": phases[pi].name, "epoch": epoch + 1, "step": state["step"], "layers": metrics}
+                result.history.append(entry)
+                if self.on_epoch:
+                    self.on_epoch(len(result.history), entry)
+                state.update(phase=pi, epoch=epoch + 1, micro=0)
+                if ckpt is not None:
+                    self._save_checkpoint(ckpt, opt, sched, state, result.history)
+            state.update(phase=pi + 1, epoch=0, micro=0)
+        result.steps = state["step"]
+        result.train_seconds = time.perf_counter() - t0
+        model.eval()
+        return result
+
+    def evaluate(self, dev_ds) -> list[dict]:
+        logits, labels = collect_logits(self.model, dev_ds, self.tokenizer, self.cfg.eval_batch_size, self.device)
+        return layer_metrics(logits, labels, self.spec.metrics)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save_checkpoint(self, d: Path, opt, sched, state: dict, history: list) -> None:
+        from safetensors.torch import save_file
+
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.save(d)
+        tensors, meta = _flatten_optimizer(opt)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        np_state = np.random.get_state()
+        tensors["rng.numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+        _atomic(d / "optimizer.safetensors", lambda p: save_file(tensors, p))
+        doc = {
+            "state": state,
+            "history": history,
+            "optimizer": meta,
+            "scheduler": sched.state_dict() | {"lr_lambdas": None},
+            "strategy": self.strategy.state_dict(),
+            "rng": {"python": _py_rng_to_json(random.getstate()), "numpy_pos": int(np_state[2]),
+                    "numpy_gauss": [int(np_state[3]), float(np_state[4])]},
+            "train_config": asdict(self.cfg),
+        }
+        # Written last: a checkpoint only counts once its state file exists.
+        _atomic(d / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(doc)))
+
+    def _peek_state(self, d: Path):
+        doc = json.loads((d / "trainer_state.json").read_text())
+        return doc["state"], doc["history"]
+
+    def _load_checkpoint(self, d: Path, opt, sched) -> None:
+        from safetensors.torch import load_file
+
+        doc = json.loads((d / "trainer_state.json").read_text())
+        loaded = MultiExitModel.load(d)
+        self.model.load_state_dict(loaded.state_dict())
+        tensors = load_file(d / "optimizer.safetensors")
+        _restore_optimizer(opt, tensors, doc["optimizer"], self.device)
+        sd = dict(doc["scheduler"])
+        sd.pop("lr_lambdas", None)
+        sched.load_state_dict(sd | {"lr_lambdas": [None] * len(opt.param_groups)})
+        self.strategy.load_state_dict(doc["strategy"])
+        torch.set_rng_state(tensors["rng.torch"])
+        for i in range(torch.cuda.device_count()):
+            if f"rng.cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+        random.setstate(_py_rng_from_json(doc["rng"]["python"]))
+        g = doc["rng"]["numpy_gauss"]
+        np.random.set_state(("MT19937", tensors["rng.numpy.keys"].numpy().astype(np.uint32), doc["rng"]["numpy_pos"], g[0], g[1]))
+        log.info("resumed from %s at optimiser step %d", d, doc["state"]["step"])
+
+
+def _flatten_optimizer(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt, tensors: dict, meta: dict, device) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _py_rng_to_json(st):
+    return [st[0], list(st[1]), st[2]]
+
+
+def _py_rng_from_json(st):
+    return (st[0], tuple(st[1]), st[2])
