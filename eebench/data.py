@@ -878,8 +878,11 @@ def make_loader(tokenized: Dataset, tokenizer, batch_size: int, shuffle: bool = 
     regression = tokenized.features["label"].dtype.startswith("float")
     lengths = _lengths(tokenized) if group_by_length else None
     sampler = _BatchSampler(len(tokenized), batch_size, shuffle, seed, lengths)
+    # A generator of its own: otherwise creating the iterator draws from the global torch RNG,
+    # which would shift dropout streams and break bit-exact resume.
     return torch.utils.data.DataLoader(_TokenRows(tokenized, cols), batch_sampler=sampler,
-                                       collate_fn=_Collate(tokenizer, cols, regression))
+                                       collate_fn=_Collate(tokenizer, cols, regression),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- fingerprint

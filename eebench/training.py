@@ -180,7 +180,7 @@ class Trainer:
                 model.train()
                 loader = make_loader(train_ds, self.tokenizer, mb, shuffle=True,
                                      seed=cfg.seed * 1000 + pi * 100 + epoch, group_by_length=cfg.group_by_length)
-                bar = tqdm(total=micro_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+                bar = tqdm(total=micro_per_epoch, initial=skip, disable=None if cfg.progress else True, leave=False,
                            desc=f"{self.strategy.name} {phases[pi].name} epoch {epoch + 1}/{phase_epochs[pi]}")
                 opt.zero_grad(set_to_none=True)
                 for micro, batch in enumerate(loader):
@@ -202,7 +202,7 @@ class Trainer:
                         sched.step()
                         opt.zero_grad(set_to_none=True)
                         state["step"] += 1
-                        bar.set_postfix(loss=f"{float(loss) * accum:.4f}")
+                        bar.set_postfix(loss=f"{float(loss.detach()) * accum:.4f}")
                         state["micro"] = micro + 1
                         if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and not last:
                             state.update(phase=pi, epoch=epoch)

@@ -60,3 +60,79 @@ def _offline_env(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ----------------------------------------------------------------------------- tiny real-format fixtures
+
+POS_WORDS = ["good", "great", "fine", "superb", "lovely", "nice"]
+NEG_WORDS = ["bad", "awful", "poor", "dull", "ugly", "boring"]
+FILLER = ["the", "a", "movie", "film", "plot", "actor", "was", "is", "very", "quite", "and", "story", "scene", "it"]
+
+
+def write_tiny_backbone(d, arch: str = "bert", seed: int = 0):
+    """A tiny random BERT-style encoder + WordPiece tokenizer saved as a Hugging Face folder."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModel, BertTokenizer
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS_WORDS + NEG_WORDS + FILLER
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    cfg = dict(TINY_CONFIGS[arch])
+    cfg["vocab_size"] = len(vocab)
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.for_model(**cfg)).save_pretrained(d)
+    return d
+
+
+def write_toy_task(d, n_train: int = 96, n_dev: int = 48, seed: int = 0):
+    """A learnable sentiment-like CSV task (label = whether positive words outnumber negative ones)."""
+    import random
+    from pathlib import Path
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def rows(n):
+        out = ["text,label"]
+        for _ in range(n):
+            y = rng.random() < 0.5
+            words = rng.sample(FILLER, rng.randint(2, 6)) + [rng.choice(POS_WORDS if y else NEG_WORDS)]
+            rng.shuffle(words)
+            out.append(f"{' '.join(words)},{'pos' if y else 'neg'}")
+        return "\n".join(out) + "\n"
+
+    (d / "train.csv").write_text(rows(n_train))
+    (d / "dev.csv").write_text(rows(n_dev))
+    (d / "toy.yaml").write_text(
+        "name: toy\n"
+        "description: toy sentiment task for tests\n"
+        "text_fields: [sentence]\n"
+        "label_names: [neg, pos]\n"
+        "label_map: {neg: 0, pos: 1}\n"
+        "metrics: [accuracy, f1]\n"
+        "main_metric: accuracy\n"
+        "train_split: train\n"
+        "eval_split: dev\n"
+        "format:\n"
+        "  type: csv\n"
+        "  header: true\n"
+        "  columns: {sentence: text, label: label}\n"
+        "splits:\n"
+        "  train: {file: train.csv}\n"
+        "  dev: {file: dev.csv}\n"
+    )
+    return d / "toy.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def toy_task(tmp_path):
+    return write_toy_task(tmp_path / "toy")

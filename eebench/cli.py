@@ -1,0 +1,163 @@
+"""The ``eebench`` command line: run, sweep, bench, report, list.
+
+Expected mistakes (unknown names, bad files, bad values) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from eebench.errors import EebenchError
+
+# Offline-friendly defaults: never phone home from a benchmark.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eebench", description="Benchmark early-exit methods for transformer classifiers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train methods x seeds, sweep every signal, log to results/ and MLflow")
+    r.add_argument("--config", help="YAML file of run settings (keys as the flags, with underscores)")
+    r.add_argument("--task", help="GLUE task name or path to a task YAML (default sst2)")
+    r.add_argument("--methods", help="comma-separated training methods (eebench list)")
+    r.add_argument("--signals", help="comma-separated exit signals to sweep")
+    r.add_argument("--model", help="backbone alias, hub id or local path (default minilm-l6)")
+    r.add_argument("--seeds", help="comma-separated seeds (default 42)")
+    r.add_argument("--train-samples", type=int, help="seeded training subset of N rows (CPU budgets)")
+    r.add_argument("--train-subset", choices=["random", "first"], help="which N training rows: seeded random (default) or the first N")
+    r.add_argument("--eval-samples", type=int, help="seeded dev subset of N rows (default: the full dev set)")
+    r.add_argument("--max-seq-length", type=int)
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--lr", type=float)
+    r.add_argument("--head-lr", type=float, help="learning rate of the exit heads (default: --lr)")
+    r.add_argument("--batch-size", type=int, help="effective batch size (default 32)")
+    r.add_argument("--micro-batch-size", type=int, help="split each batch for gradient accumulation")
+    r.add_argument("--pooling", choices=["cls", "mean", "pooler"], help="exit pooling (default: the backbone's recommendation)")
+    r.add_argument("--final-pooling", choices=["cls", "mean", "pooler"], help="pooling of the final classifier (default: --pooling)")
+    r.add_argument("--num-layers", type=int, help="keep only the first K layers (budget exiting)")
+    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    r.add_argument("--data-dir", help="GLUE folder in the original layout (default: $GLUE_DIR, else the hub)")
+    r.add_argument("--output", help="results folder (default runs/)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output folder)")
+    r.add_argument("--no-mlflow", action="store_true", default=None, help="do not log to MLflow")
+    r.add_argument("--num-thresholds", type=int, help="thresholds per signal sweep (default 100)")
+    r.add_argument("--executor", default="local", choices=["local"], help="where cells run")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=2 cosee.alpha=0.01")
+
+    s = sub.add_parser("sweep", help="sweep saved runs with other signals (no retraining)")
+    s.add_argument("results", help="a results folder, a task folder or one cell folder")
+    s.add_argument("--signals", required=True)
+    s.add_argument("--num-thresholds", type=int, default=100)
+    s.add_argument("--tracking-uri")
+    s.add_argument("--no-mlflow", action="store_true")
+
+    rep = sub.add_parser("report", help="paper-style tables and Pareto plots from results or MLflow")
+    rep.add_argument("--results", default="runs", help="results folder (default runs/)")
+    rep.add_argument("--tracking-uri", help="read results from this MLflow store instead")
+    rep.add_argument("--task")
+    rep.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
+    rep.add_argument("--speedup", type=float, default=2.0, help="matched speed-up of the main table (default 2)")
+    rep.add_argument("--signal", default="energy", help="exit signal of the ablation table (default energy)")
+    rep.add_argument("--out", help="also write tables and plots into this folder")
+
+    b = sub.add_parser("bench", help="wall-clock latency / throughput of true early exit for a trained cell")
+    b.add_argument("cell", help="a cell folder (containing result.json and model/)")
+    b.add_argument("--signal", default="energy")
+    b.add_argument("--thresholds", help="comma-separated thresholds")
+    b.add_argument("--target-speedup", type=float, help="pick the threshold giving this layer speed-up")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--samples", type=int, help="use the first N dev inputs")
+    b.add_argument("--tracking-uri")
+    b.add_argument("--no-mlflow", action="store_true")
+
+    sub.add_parser("list", help="registered methods, signals, tasks and models")
+    return p
+
+
+def cmd_list() -> None:
+    from eebench.data import list_tasks
+    from eebench.models import MODEL_ALIASES
+    from eebench.signals import SIGNALS, get_signal
+    from eebench.strategy import list_methods
+
+    print("methods (training strategies):")
+    for m in list_methods():
+        d = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "no hyper-parameters"
+        print(f"  {m.name:14s} {m.description}  [{d}]")
+    print("signals (exit rules):")
+    for n in SIGNALS.names():
+        s = get_signal(n)
+        rule = ("> tau" if s.strict else ">= tau") if s.higher_is_easier else ("< tau" if s.strict else "<= tau")
+        print(f"  {n:14s} exits when value {rule}")
+    print("tasks:")
+    print("  " + ", ".join(list_tasks()) + "  (or a path to your own task YAML)")
+    print("models (aliases; any hub id or local path also works):")
+    for k, a in MODEL_ALIASES.items():
+        print(f"  {k:14s} default pooling {a.pooling}: {a.note}")
+
+
+def cmd_run(args) -> None:
+    from eebench.runner import Runner, run_config_from
+
+    keys = ["task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
+            "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
+            "precision", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds"]
+    cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
+    Runner(cfg).run()
+
+
+def cmd_report(args) -> None:
+    from eebench.report import load_results, report
+
+    rs = load_results(args.results, args.tracking_uri, args.task)
+    print(report(rs, args.out, args.format, args.speedup, args.signal))
+
+
+def cmd_sweep(args) -> None:
+    from eebench.runner import sweep_saved
+    from eebench.signals import get_signal
+
+    signals = _csv(args.signals)
+    for s in signals:
+        get_signal(s)
+    sweep_saved(args.results, signals, args.num_thresholds, args.tracking_uri, args.no_mlflow)
+
+
+def cmd_bench(args) -> None:
+    from eebench.benchcmd import bench_cell
+
+    thresholds = [float(x) for x in _csv(args.thresholds)] if args.thresholds else None
+    bench_cell(args.cell, args.signal, thresholds, args.target_speedup, args.batch_size, args.repeats, args.threads,
+               args.samples, args.tracking_uri, args.no_mlflow)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        {"list": lambda: cmd_list(), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
+         "sweep": lambda: cmd_sweep(args), "bench": lambda: cmd_bench(args)}[args.command]()
+    except EebenchError as e:
+        print(f"eebench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eebench: interrupted; finished cells are kept and the next run resumes the rest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""True early-exit inference and its wall-clock measurement.
+
+``EarlyExitEngine`` runs a trained ``MultiExitModel`` layer by layer with one exit signal and one
+threshold, in three modes that all give the exit layers and predictions of the one-pass simulation
+(``eebench.exits.simulate_exits``) up to float noise:
+
+* ``single``: one input at a time, no padding (the latency setting);
+* ``batched``: fixed batches in input order; exited samples leave the batch after every layer and
+  padding columns that only exited samples needed are trimmed;
+* ``streaming``: the batch is kept full by refilling it with waiting inputs as others exit; every
+  sample keeps its own layer position, hidden states and length.
+
+The exit decision is always ``signal.meets(signal.score(...), threshold)``: the maths lives in
+``eebench.signals`` and ``eebench.exits``. ``bench`` measures latency and throughput of every mode
+against the full model (all layers, final head only) and returns a JSON-ready dict;
+``format_bench`` renders it as a markdown table.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from eebench.errors import EebenchError
+from eebench.exits import exit_layers_from_scores, predictions_at_exit, simulate_exits
+from eebench.metrics import exit_counts, speedup_ratio, speedup_ratios
+from eebench.models import MultiExitModel, select_state
+from eebench.signals import Signal, get_signal
+
+MODES = ("single", "batched", "streaming")
+
+#: ``on_layer(layer, indices)``: called before a layer runs, with the 1-based layer and the input
+#: positions of the samples about to run it (so ``len(indices)`` is the batch size).
+LayerCallback = Callable[[int, list[int]], None]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised input as 1-D tensors, trailing padding removed."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def prepare_examples(examples, device: str | torch.device = "cpu") -> list[Example]:
+    """Normalise inputs to a list of ``Example`` on ``device``.
+
+    Accepts a list of dicts (``input_ids``, optional ``attention_mask`` / ``token_type_ids`` as
+    lists or 1-D tensors), a padded batch (dict of [N, L] tensors or lists) or a list of
+    ``Example``. Trailing padding (columns after a row's last attended token) is cut, so a row
+    keeps its positions exactly as in the padded batch.
+    """
+    device = torch.device(device)
+    if isinstance(examples, Mapping):
+        ids = torch.as_tensor(examples["input_ids"])
+        if ids.dim() != 2:
+            raise EebenchError(f"a padded batch needs input_ids of shape [N, L], got {tuple(ids.shape)}")
+        cols = {k: torch.as_tensor(v) for k, v in examples.items() if k in ("attention_mask", "token_type_ids")}
+        examples = [{"input_ids": ids[i], **{k: v[i] for k, v in cols.items()}} for i in range(ids.shape[0])]
+    out = []
+    for n, ex in enumerate(examples):
+        if isinstance(ex, Example):
+            out.append(ex if ex.input_ids.device == device else Example(
+                ex.input_ids.to(device), ex.attention_mask.to(device),
+                None if ex.token_type_ids is None else ex.token_type_ids.to(device)))
+            continue
+        ids = torch.as_tensor(ex["input_ids"], dtype=torch.long).reshape(-1)
+        mask = ex.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
+        tt = ex.get("token_type_ids")
+        tt = None if tt is None else torch.as_tensor(tt, dtype=torch.long).reshape(-1)
+        if mask.shape != ids.shape or (tt is not None and tt.shape != ids.shape):
+            raise EebenchError(f"input {n}: input_ids, attention_mask and token_type_ids differ in length")
+        on = mask.nonzero()
+        if on.numel() == 0:
+            raise EebenchError(f"input {n} has no attended token (attention_mask is all zero)")
+        length = int(on.max()) + 1
+        out.append(Example(ids[:length].to(device), mask[:length].to(device),
+                           None if tt is None else tt[:length].to(device)))
+    if not out:
+        raise EebenchError("no inputs to run")
+    return out
+
+
+def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad a group of examples: (input_ids, attention_mask, token_type_ids or None), [B, L]."""
+    ids = pad_sequence([e.input_ids for e in examples], batch_first=True)
+    mask = pad_sequence([e.attention_mask for e in examples], batch_first=True)
+    tt = None
+    if examples[0].token_type_ids is not None:
+        tt = pad_sequence([e.token_type_ids for e in examples], batch_first=True)
+    return ids, mask, tt
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class EngineOutput:
+    """Per-input results in input order."""
+
+    exit_layers: torch.Tensor  # [N] long, 1-based
+    predictions: torch.Tensor  # [N] long
+    logits: torch.Tensor  # [N, C] float32, logits of the exit layer
+
+    def speedup(self, num_layers: int) -> float:
+        """Layer speed-up (METHODS.md Eq. 12) of these exit layers."""
+        return speedup_ratio(self.exit_layers, num_layers)
+
+
+@dataclass
+class _Slot:
+    """A streaming sample between layers: its own unpadded states and exit history."""
+
+    index: int
+    hidden: torch.Tensor  # [L, H]
+    mask: torch.Tensor  # [L]
+    history: torch.Tensor | None  # [m, C] logits of the layers run so far (history signals only)
+
+
+class EarlyExitEngine:
+    """Early-exit inference with one signal and threshold on a ``MultiExitModel``.
+
+    ``run`` returns, in input order, the exit layer, prediction and exit logits of every input;
+    all modes reproduce ``simulate_exits`` on the model's one-pass logits. The model is put in
+    eval mode (and on ``device``); everything runs under ``torch.inference_mode``.
+    """
+
+    def __init__(self, model: MultiExitModel, signal: str | Signal, threshold: float,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.signal = get_signal(signal)
+        self.signal.check_task(model.config.num_labels)
+        self.threshold = float(threshold)
+        self.num_layers = model.num_layers
+        self.num_labels = model.config.num_labels
+        # Compared in the scores' dtype (float32), exactly as simulate_exits does.
+        self._thr = torch.tensor(self.threshold, dtype=torch.float32, device=self.device)
+        self._adapter = model.adapter
+        self._heads = model.heads
+
+    # -- public ----------------------------------------------------------------------
+    def run(self, examples, mode: str = "single", batch_size: int = 32,
+            on_layer: LayerCallback | None = None) -> EngineOutput:
+        """Early-exit inference over ``examples`` (see ``prepare_examples``) in ``mode``."""
+        items = self._items(examples)
+        with torch.inference_mode():
+            if mode == "single":
+                return self._single(items, on_layer)
+            if mode == "batched":
+                return self._batched(items, _check_batch(batch_size), on_layer)
+            if mode == "streaming":
+                return self._streaming(items, _check_batch(batch_size), on_layer)
+        raise EebenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+
+    def run_full(self, examples, batch_size: int = 1, on_layer: LayerCallback | None = None) -> EngineOutput:
+        """The full-model baseline: every layer, then the final head only (no exit computation).
+
+        ``batch_size`` 1 runs one unpadded input at a time; larger sizes use the same input-order
+        batches as ``run(mode="batched")``.
+        """
+        items = self._items(examples)
+        b = _check_batch(batch_size)
+        m = self.num_layers
+        ad, heads = self._adapter, self._heads
+        logits_out = []
+        with torch.inference_mode():
+            for start in range(0, len(items), b):
+                group = items[start:start + b]
+                ids, mask, tt = collate(group) if b > 1 else _unbatched(group[0])
+                hidden, state = ad.embed(ids, mask, tt)
+                for i in range(m):
+                    if on_layer is not None:
+                        on_layer(i + 1, list(range(start, start + len(group))))
+                    hidden = ad.call_layer(i, hidden, state)
+                logits_out.append(heads(m - 1, hidden, mask.to(hidden.dtype)))
+        return _output([m] * len(items), logits_out)
+
+    # -- pieces ------------------------------------------------------------------------
+    def _items(self, examples) -> list[Example]:
+        if isinstance(examples, list) and examples and all(isinstance(e, Example) for e in examples) \
+                and all(e.input_ids.device == self.device for e in examples):
+            return examples
+        return prepare_examples(examples, self.device)
+
+    def _leave(self, logits: torch.Tensor, history: torch.Tensor | None):
+        """Exit decisions, shape [n, 1], for one layer's logits [n, C]; also the updated history
+        (all layers' logits so far, for signals that need it; else None)."""
+        sig = self.signal
+        if sig.needs_history:
+            history = logits.unsqueeze(1) if history is None else torch.cat([history, logits.unsqueeze(1)], 1)
+            scores = sig.score(history)[:, -1:]
+        else:
+            scores = sig.score(logits.unsqueeze(1))
+        return sig.meets(scores, self._thr), history
+
+    def _state(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
+        """What every layer needs for a batch of hidden states, as ``adapter.embed`` builds it."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        ad = self._adapter
+        state = {"mask": create_bidirectional_mask(config=ad.config, inputs_embeds=hidden, attention_mask=mask)}
+        state.update(ad.extra_state(hidden))
+        return state
+
+    def _single(self, items: list[Example], on_layer) -> EngineOutput:
+        m = self.num_layers
+        ad, heads = self._adapter, self._heads
+        layers, logits_out = [], []
+        for j, ex in enumerate(items):
+            ids, mask, tt = _unbatched(ex)
+            hidden, state = ad.embed(ids, mask, tt)
+            hmask = mask.to(hidden.dtype)  # converted once, not by every head
+            history = None
+            for i in range(m):
+                if on_layer is not None:
+                    on_layer(i + 1, [j])
+                hidden = ad.call_layer(i, hidden, state)
+                logits = heads(i, hidden, hmask)
+                if i == m - 1:
+                    break
+                leave, history = self._leave(logits, history)
+                if leave.item():
+                    break
+            layers.append(i + 1)
+            logits_out.append(logits)
+        return _output(layers, logits_out)
+
+    def _batched(self, items: list[Example], b: int, on_layer) -> EngineOutput:
+        n, m = len(items), self.num_layers
+        ad, heads = self._adapter, self._heads
+        exit_layer = torch.full((n,), m, dtype=torch.long)
+        exit_logits = torch.zeros(n, self.num_labels)
+        lengths_all = torch.tensor([len(e) for e in items])
+        for start in range(0, n, b):
+            group = items[start:start + b]
+            ids, mask, tt = collate(group)
+            hidden, state = ad.embed(ids, mask, tt)
+            hmask = mask.to(hidden.dtype)
+            alive = torch.arange(start, start + len(group))
+            lengths = lengths_all[start:start + len(group)]
+            history = None
+            for i in range(m):
+                if on_layer is not None:
+                    on_layer(i + 1, alive.tolist())
+                hidden = ad.call_layer(i, hidden, state)
+                logits = heads(i, hidden, hmask)
+                if i == m - 1:
+                    exit_logits[alive] = logits.float().cpu()
+                    break
+                leave, history = self._leave(logits, history)
+                leave = leave.squeeze(1).cpu()
+                if not leave.any():
+                    continue
+                gone = alive[leave]
+                exit_layer[gone] = i + 1
+                exit_logits[gone] = logits[leave.to(logits.device)].float().cpu()
+                stay = (~leave).nonzero().squeeze(1)
+                if stay.numel() == 0:
+                    break
+                alive, lengths = alive[stay], lengths[stay]
+                stay_d = stay.to(self.device)
+                hidden, mask, hmask = hidden[stay_d], mask[stay_d], hmask[stay_d]
+                if history is not None:
+                    history = history[stay_d]
+                width = int(lengths.max())
+                if width < hidden.shape[1]:
+                    # The longest samples have left: drop the padding columns nobody needs any more.
+                    hidden, mask, hmask = hidden[:, :width], mask[:, :width], hmask[:, :width]
+                    state = self._state(hidden, mask)
+                else:
+                    state = select_state(state, stay_d)
+        return EngineOutput(exit_layer, exit_logits.argmax(-1), exit_logits)
+
+    def _streaming(self, items: list[Example], b: int, on_layer) -> EngineOutput:
+        """Per-layer queues of in-flight samples; every step runs one layer on a full batch.
+
+        Each step runs the deepest layer that has a full batch waiting; when none has, ``b`` new
+        inputs are embedded and run through layer 1; once the inputs are exhausted the queues are
+        drained shallowest first (so stragglers merge into larger batches at deeper layers).
+        Every queue stays below 2 * ``b`` samples.
+        """
+        n, m = len(items), self.num_layers
+        ad, heads = self._adapter, self._heads
+        queues: list[deque[_Slot]] = [deque() for _ in range(m)]
+        exit_layer = [m] * n
+        exit_logits: list[torch.Tensor | None] = [None] * n
+        lengths = [len(e) for e in items]
+        next_input = 0
+        while True:
+            layer = next((k for k in range(m - 1, 0, -1) if len(queues[k]) >= b), None)
+            if layer is None and next_input < n:
+                group_items = items[next_input:next_input + b]
+                index = list(range(next_input, next_input + len(group_items)))
+                next_input += len(group_items)
+                ids, mask, tt = collate(group_items)
+                hidden, state = ad.embed(ids, mask, tt)
+                history = None
+                layer = 0
+            else:
+                if layer is None:
+                    layer = next((k for k in range(m) if queues[k]), None)
+                    if layer is None:
+                        break
+                q = queues[layer]
+                slots = [q.popleft() for _ in range(min(b, len(q)))]
+                index = [s.index for s in slots]
+                hidden = pad_sequence([s.hidden for s in slots], batch_first=True)
+                mask = pad_sequence([s.mask for s in slots], batch_first=True)
+                history = torch.stack([s.history for s in slots]) if slots[0].history is not None else None
+                state = self._state(hidden, mask)
+            if on_layer is not None:
+                on_layer(layer + 1, index)
+            hidden = ad.call_layer(layer, hidden, state)
+            logits = heads(layer, hidden, mask.to(hidden.dtype))
+            if layer == m - 1:
+                for j, k in enumerate(index):
+                    exit_logits[k] = logits[j]
+                continue
+            leave, history = self._leave(logits, history)
+            nxt = queues[layer + 1]
+            for j, (k, gone) in enumerate(zip(index, leave.squeeze(1).tolist(), strict=True)):
+                if gone:
+                    exit_layer[k] = layer + 1
+                    exit_logits[k] = logits[j]
+                else:
+                    length = lengths[k]
+                    nxt.append(_Slot(k, hidden[j, :length], mask[j, :length],
+                                     None if history is None else history[j]))
+        logits = torch.stack(exit_logits).float().cpu()
+        return EngineOutput(torch.tensor(exit_layer, dtype=torch.long), logits.argmax(-1), logits)
+
+
+def _check_batch(batch_size: int) -> int:
+    if int(batch_size) < 1:
+        raise EebenchError(f"batch size must be at least 1, got {batch_size}")
+    return int(batch_size)
+
+
+def _unbatched(ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One example as a batch of one, [1, L]."""
+    return ex.input_ids[None], ex.attention_mask[None], None if ex.token_type_ids is None else ex.token_type_ids[None]
+
+
+def _output(layers: list[int], logits: list[torch.Tensor]) -> EngineOutput:
+    lg = torch.cat(logits).float().cpu()
+    return EngineOutput(torch.tensor(layers, dtype=torch.long), lg.argmax(-1), lg)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold, the layer speed-up it gives on the logits it was chosen from, and its
+    distance to the nearest observed signal value (a safety margin against float noise)."""
+
+    threshold: float
+    layer_speedup: float
+    margin: float
+
+
+def one_pass_logits(model: MultiExitModel, examples, batch_size: int = 32,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits of every exit, [N, M, C], from ``model.forward`` in input-order batches."""
+    items = prepare_examples(examples, device)
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            ids, mask, tt = collate(items[start:start + batch_size])
+            out.append(model(ids, mask, tt).float().cpu())
+    return torch.cat(out)
+
+
+def pick_threshold(layer_logits: torch.Tensor, signal: str | Signal, target_speedup: float,
+                   tolerance: float = 0.02) -> ThresholdChoice:
+    """The threshold whose simulated layer speed-up on ``layer_logits`` [N, M, C] is closest to
+    ``target_speedup``; among those within ``tolerance`` (relative) of the closest, the one
+    farthest from any observed signal value. Candidates sit midway between observed values."""
+    sig = get_signal(signal)
+    scores = sig.score(layer_logits)
+    m = scores.shape[-1]
+    if sig.integer:
+        cands = torch.arange(1, max(m, 2), dtype=torch.float64)
+        margins = torch.full_like(cands, 0.5)
+    else:
+        vals = torch.unique(scores[:, : m - 1].reshape(-1).double())  # sorted
+        if vals.numel() == 0:
+            raise EebenchError("a one-layer model has no internal exit to choose a threshold for")
+        gaps = vals[1:] - vals[:-1]
+        span = float(vals[-1] - vals[0]) or 1.0
+        cands = torch.cat([vals[:1] - 1e-3 * span, (vals[1:] + vals[:-1]) / 2, vals[-1:] + 1e-3 * span])
+        margins = torch.cat([torch.tensor([1e-3 * span]), gaps / 2, torch.tensor([1e-3 * span])])
+        if cands.numel() > 4096:  # keep the sweep small; prefer the widest gaps in each stretch
+            keep = torch.linspace(0, cands.numel() - 1, 4096).round().long().unique()
+            cands, margins = cands[keep], margins[keep]
+    el = exit_layers_from_scores(scores, sig, cands)
+    speedups = speedup_ratios(el, m)
+    err = (speedups - target_speedup).abs()
+    ok = err <= err.min() + tolerance * target_speedup
+    best = int(torch.where(ok, margins, torch.full_like(margins, -1.0)).argmax())
+    return ThresholdChoice(float(cands[best]), float(speedups[best]), float(margins[best]))
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"min": float(min(values)), "median": float(statistics.median(values)), "max": float(max(values))}
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    pos = q * (len(sorted_vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict:
+    """At batch size 1, time each internal layer and its head + signal + exit decision, summed
+    over ``examples`` and the internal layers (nobody exits: every layer is measured).
+
+    Returns ``layer_ms`` and ``signal_ms`` (mean per internal layer) and ``fraction``
+    (signal / layer), each as min / median / max over ``repeats``.
+    """
+    items = engine._items(examples)
+    ad, heads, m = engine._adapter, engine._heads, engine.num_layers
+    clock, dev = time.perf_counter, engine.device
+    fr, lt, st = [], [], []
+    if m < 2:
+        return {"layer_ms": None, "signal_ms": None, "fraction": None}
+    with torch.inference_mode():
+        for _ in range(max(1, repeats)):
+            t_layer = t_sig = 0.0
+            for ex in items:
+                ids, mask, tt = _unbatched(ex)
+                hidden, state = ad.embed(ids, mask, tt)
+                hmask = mask.to(hidden.dtype)
+                history = None
+                for i in range(m - 1):
+                    t0 = clock()
+                    hidden = ad.call_layer(i, hidden, state)
+                    _sync(dev)
+                    t1 = clock()
+                    logits = heads(i, hidden, hmask)
+                    leave, history = engine._leave(logits, history)
+                    leave.item()
+                    t2 = clock()
+                    t_layer += t1 - t0
+                    t_sig += t2 - t1
+            calls = len(items) * (m - 1)
+            lt.append(1e3 * t_layer / calls)
+            st.append(1e3 * t_sig / calls)
+            fr.append(t_sig / t_layer)
+    return {"layer_ms": _spread(lt), "signal_ms": _spread(st), "fraction": _spread(fr)}
+
+
+def bench(
+    model: MultiExitModel,
+    examples,
+    signal: str | Signal = "energy",
+    thresholds: float | Sequence[float] | None = None,
+    target_speedup: float | Sequence[float] | None = None,
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    segment: int | None = None,
+    overhead_inputs: int = 128,
+) -> dict:
+    """Wall-clock latency and throughput of early exit against the full model, side by side.
+
+    Thresholds: ``thresholds`` as given, else one per ``target_speedup`` (default 2.0) chosen by
+    ``pick_threshold`` on the one-pass logits of ``examples``. Each of ``warmup`` untimed and
+    ``repeats`` timed rounds runs every input through: the full model (every layer, final head
+    only) and early exit at batch size 1, interleaved input by input; then, segment by segment
+    (``segment`` inputs, default 8 x ``batch_size``; the streaming queue drains at the end of
+    each), the full model and early exit batched at ``batch_size`` and streaming. Interleaving
+    (with rotating order) makes the side-by-side figures robust to load from other processes.
+    Wall speed-up = full time / early-exit time per round (batched full model for the batched
+    and streaming modes), given as min / median / max over rounds next to the layer speed-up.
+    Also the signal overhead at batch size 1 on the first ``overhead_inputs`` inputs.
+    ``threads`` fixes ``torch.set_num_threads`` for the call (restored afterwards).
+
+    Returns a JSON-serialisable dict with keys ``model``, ``signal``, ``num_layers``,
+    ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``threads``, ``repeats``,
+    ``warmup``, ``device``, ``torch``, ``platform``, ``full`` ({``single``, ``batched``}),
+    ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
+    ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
+    fractions}, ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},
+    ``wall_over_layer`` {mode: median wall speed-up / layer speed-up}) and ``signal_overhead``
+    (see ``signal_overhead``). A timing entry has ``total_s`` and ``throughput`` (inputs/s); at
+    batch size 1 also ``latency_ms`` {``median``, ``p90``, ``p99``}. Every number that varies
+    over rounds is a spread {``min``, ``median``, ``max``}.
+    """
+    device = torch.device(device)
+    sig = get_signal(signal)
+    if repeats < 1:
+        raise EebenchError(f"repeats must be at least 1, got {repeats}")
+    b = _check_batch(batch_size)
+    seg = max(b, (segment or 8 * b) // b * b)  # whole batches, so batched chunks match a full run
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        items = prepare_examples(examples, device)
+        n, m = len(items), model.num_layers
+        layer_logits = one_pass_logits(model, items, b, device)
+        if thresholds is None:
+            targets = [2.0] if target_speedup is None else _as_list(target_speedup)
+            runs = [{"threshold": pick_threshold(layer_logits, sig, t).threshold, "target_speedup": t}
+                    for t in targets]
+        else:
+            runs = [{"threshold": t, "target_speedup": None} for t in _as_list(thresholds)]
+        engines = [EarlyExitEngine(model, sig, r["threshold"], device) for r in runs]
+        full = engines[0]
+
+        # Timed tasks: key -> callable on a list of examples.
+        single_tasks = [("full", lambda x: full.run_full(x, 1))] + [
+            (e, lambda x, eng=eng: eng.run(x, "single")) for e, eng in enumerate(engines)]
+        batch_tasks = [("full", lambda x: full.run_full(x, b))]
+        for e, eng in enumerate(engines):
+            batch_tasks.append(((e, "batched"), lambda x, eng=eng: eng.run(x, "batched", b)))
+            batch_tasks.append(((e, "streaming"), lambda x, eng=eng: eng.run(x, "streaming", b)))
+        clock = time.perf_counter
+
+        def one_round(r: int) -> tuple[dict, dict]:
+            lat: dict = {k: [] for k, _ in single_tasks}
+            tot: dict = {k: 0.0 for k, _ in batch_tasks}
+            for j, ex in enumerate(items):
+                k = (j + r) % len(single_tasks)
+                for key, fn in single_tasks[k:] + single_tasks[:k]:
+                    t0 = clock()
+                    fn([ex])
+                    _sync(device)
+                    lat[key].append(clock() - t0)
+            for s, start in enumerate(range(0, n, seg)):
+                part = items[start:start + seg]
+                k = (s + r) % len(batch_tasks)
+                for key, fn in batch_tasks[k:] + batch_tasks[:k]:
+                    t0 = clock()
+                    fn(part)
+                    _sync(device)
+                    tot[key] += clock() - t0
+            return lat, tot
+
+        for r in range(max(0, warmup)):
+            one_round(r)
+        rounds = [one_round(r) for r in range(repeats)]
+
+        def single_stats(key) -> dict:
+            totals = [sum(lat[key]) for lat, _ in rounds]
+            lats = [sorted(lat[key]) for lat, _ in rounds]
+            return {
+                "total_s": _spread(totals),
+                "throughput": _spread([n / t for t in totals]),
+                "latency_ms": {q: _spread([1e3 * _quantile(v, p) for v in lats])
+                               for q, p in (("median", 0.5), ("p90", 0.9), ("p99", 0.99))},
+            }
+
+        def batch_stats(key) -> dict:
+            totals = [tot[key] for _, tot in rounds]
+            return {"total_s": _spread(totals), "throughput": _spread([n / t for t in totals])}
+
+        sim = simulate_exits(layer_logits, sig, [r["threshold"] for r in runs])  # [T, N]
+        sim_preds = predictions_at_exit(layer_logits, sim)
+        for e, (run, eng) in enumerate(zip(runs, engines, strict=True)):
+            outs = {mode: eng.run(items, mode, b) for mode in MODES}
+            layer_speedup = outs["single"].speedup(m)
+            run["layer_speedup"] = layer_speedup
+            run["exit_counts"] = [int(c) for c in exit_counts(outs["single"].exit_layers, m)]
+            run["matches_simulation"] = {
+                mode: {"exit_layers": float((o.exit_layers == sim[e]).double().mean()),
+                       "predictions": float((o.predictions == sim_preds[e]).double().mean())}
+                for mode, o in outs.items()
+            }
+            run["single"] = single_stats(e)
+            run["batched"] = batch_stats((e, "batched"))
+            run["streaming"] = batch_stats((e, "streaming"))
+            ws = {
+                "single": _spread([sum(lat["full"]) / sum(lat[e]) for lat, _ in rounds]),
+                "batched": _spread([tot["full"] / tot[(e, "batched")] for _, tot in rounds]),
+                "streaming": _spread([tot["full"] / tot[(e, "streaming")] for _, tot in rounds]),
+            }
+            run["wall_speedup"] = ws
+            run["wall_over_layer"] = {k: v["median"] / layer_speedup for k, v in ws.items()}
+
+        lengths = [len(x) for x in items]
+        bc = model.config.backbone_config
+        return {
+            "model": f"random {bc.get('model_type', '?')}" if bc else model.config.model,
+            "signal": sig.name,
+            "num_layers": m,
+            "num_inputs": n,
+            "mean_tokens": sum(lengths) / n,
+            "batch_size": b,
+            "segment": seg,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "device": str(device),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "full": {"single": single_stats("full"), "batched": batch_stats("full")},
+            "runs": runs,
+            "signal_overhead": signal_overhead(full, items[: max(1, overhead_inputs)], repeats),
+        }
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _as_list(x) -> list[float]:
+    return [float(v) for v in (x if isinstance(x, Sequence | torch.Tensor) else [x])]
+
+
+def format_bench(result: dict) -> str:
+    """A markdown report of ``bench``'s result: one table per threshold plus the signal overhead."""
+
+    def med(d: dict) -> float:
+        return d["median"]
+
+    def rng(d: dict, fmt: str) -> str:
+        return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}-{fmt.format(d['max'])})"
+
+    full = result["full"]
+    lines = [
+        f"model `{result['model']}`, signal `{result['signal']}`, {result['num_inputs']} inputs "
+        f"(mean {result['mean_tokens']:.1f} tokens), batch {result['batch_size']}, "
+        f"{result['threads']} thread(s), {result['device']}, {result['repeats']} rounds "
+        f"(median (min-max)), torch {result['torch']}",
+    ]
+    for run in result["runs"]:
+        ls = run["layer_speedup"]
+        lines += [
+            "",
+            f"threshold {run['threshold']:.6g}: layer speed-up {ls:.3f}x, exit counts {run['exit_counts']}",
+            "",
+            "| mode | full model | early exit | wall speed-up | wall / layer speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for mode, base in (("single", full["single"]), ("batched", full["batched"]), ("streaming", full["batched"])):
+            ee = run[mode]
+            ws = run["wall_speedup"][mode]
+            lines.append(
+                f"| {mode} ({'batch 1' if mode == 'single' else 'batch ' + str(result['batch_size'])}) | "
+                f"{med(base['throughput']):.1f} inputs/s | {med(ee['throughput']):.1f} inputs/s | "
+                f"{rng(ws, '{:.2f}')}x | {run['wall_over_layer'][mode]:.2f} |"
+            )
+        fl, el = full["single"]["latency_ms"], run["single"]["latency_ms"]
+        lines.append(
+            f"| latency batch 1 (ms, median / p90 / p99) | {med(fl['median']):.2f} / {med(fl['p90']):.2f} / "
+            f"{med(fl['p99']):.2f} | {med(el['median']):.2f} / {med(el['p90']):.2f} / {med(el['p99']):.2f} | | |"
+        )
+        agree = ", ".join(f"{k} {v['exit_layers']:.3f}/{v['predictions']:.3f}" for k, v in run["matches_simulation"].items())
+        lines += ["", f"agreement with the one-pass simulation (exit layers / predictions): {agree}"]
+    ov = result["signal_overhead"]
+    if ov["fraction"] is not None:
+        lines += [
+            "",
+            f"signal overhead at batch 1 (head + signal + decision per layer): "
+            f"{100 * ov['fraction']['median']:.2f}% of a layer "
+            f"({ov['signal_ms']['median'] * 1e3:.0f} us vs {ov['layer_ms']['median']:.3f} ms; "
+            f"range {100 * ov['fraction']['min']:.2f}-{100 * ov['fraction']['max']:.2f}%)",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Tables (pandas + tabulate: markdown, LaTeX, CSV) and Pareto plots from results JSON or MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from eebench.errors import EebenchError
+from eebench.exits import metric_at_speedup
+from eebench.results import CellResult, SignalSweep, find_results
+
+ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
+
+
+def sweep_frame(sw: SignalSweep) -> pd.DataFrame:
+    rows = []
+    for p in sw.points:
+        r = {k: v for k, v in p.items() if k != "exit_counts"}
+        for m, c in enumerate(p["exit_counts"], start=1):
+            r[f"exits_layer{m}"] = c
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def _front(sw: SignalSweep, metric: str) -> tuple[list[float], list[float]]:
+    pts = sorted((p["speedup"], p[metric]) for p in sw.points if p.get("pareto"))
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy") -> Path:
+    """One step curve per label (its Pareto front), metric against speed-up; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eebench.models import _atomic
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = ["-", "--", ":", "-."]
+    for i, (label, sw) in enumerate(curves.items()):
+        xs, ys = _front(sw, metric)
+        if not xs:
+            continue
+        if len(xs) == 1:
+            ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", label=label)
+        else:
+            ax.plot(xs, ys, marker="o", markersize=3, linestyle=styles[(i // 10) % 4], label=label)
+    ax.set_xlabel("speed-up (layers, Eq. 12)")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "n/a"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{100 * m:.1f}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{100 * m:.1f} ± {100 * sd:.1f}"
+
+
+def _label(r: CellResult) -> str:
+    return r.method
+
+
+def main_table(results: list[CellResult], speedup: float) -> pd.DataFrame:
+    """Task metric (x100) at a matched speed-up, per training method x exit signal, mean ± std over seeds."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        metric = r.config["main_metric"]
+        for s, sw in r.sweeps.items():
+            target = speedup if r.method != "final-only" else 0.0
+            v = metric_at_speedup([p["speedup"] for p in sw.points], [p[metric] for p in sw.points], target)
+            cells.setdefault((_label(r), s), []).append(v)
+    if not cells:
+        raise EebenchError("no sweeps in these results; run `eebench run` or `eebench sweep` first")
+    methods = sorted({k[0] for k in cells}, key=_method_order)
+    signals = sorted({k[1] for k in cells})
+    df = pd.DataFrame({s: [_mean_std(cells.get((m, s), [])) for m in methods] for s in signals}, index=methods)
+    df.index.name = "method \\ exit signal"
+    return df
+
+
+def _method_order(m: str) -> tuple[int, str]:
+    order = ["final-only", "two-stage", "vanilla", "weighted", "cosee-no-swm", "cosee-no-osc", "cosee"]
+    return (order.index(m) if m in order else len(order), m)
+
+
+def ablation_table(results: list[CellResult], signal: str = "energy", speedups=(1.5, 2.0, 3.0, 4.0)) -> pd.DataFrame:
+    """COSEE, its two ablations and the conventional method at several speed-ups (one signal)."""
+    rows = {}
+    for m in ABLATION:
+        rs = [r for r in results if r.method == m and signal in r.sweeps]
+        if not rs:
+            continue
+        metric = rs[0].config["main_metric"]
+        rows[m] = [_mean_std([metric_at_speedup([p["speedup"] for p in r.sweeps[signal].points],
+                                                [p[metric] for p in r.sweeps[signal].points], x) for r in rs])
+                   for x in speedups]
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=[f"{x:g}x" for x in speedups])
+    df.index.name = f"method ({signal})"
+    return df
+
+
+def layer_table(results: list[CellResult]) -> pd.DataFrame:
+    """Dev score (x100) of every exit classifier, per method (mean over seeds)."""
+    rows = {}
+    for m in sorted({r.method for r in results}, key=_method_order):
+        rs = [r for r in results if r.method == m]
+        metric = rs[0].config["main_metric"]
+        n = len(rs[0].layers)
+        rows[f"{m} ({rs[0].model.get('pooling')})"] = [
+            _mean_std([r.layers[i][metric] for r in rs if len(r.layers) == n]) for i in range(n)]
+    n = max(len(v) for v in rows.values())
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
+
+
+def render(df: pd.DataFrame, fmt: str) -> str:
+    if fmt == "markdown":
+        return df.to_markdown()
+    if fmt == "latex":
+        from tabulate import tabulate
+
+        return tabulate(df, headers="keys", tablefmt="latex_booktabs")
+    if fmt == "csv":
+        return df.to_csv()
+    raise EebenchError(f"unknown format {fmt!r}; known: markdown, latex, csv")
+
+
+def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[CellResult]:
+    """Cell results logged to MLflow (the result.json artefact of every child run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exps = [e for e in client.search_experiments() if e.name.startswith("eebench-")
+            and (task is None or e.name == f"eebench-{task}")]
+    out = []
+    for e in exps:
+        for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                p = client.download_artifacts(run.info.run_id, "result.json", tmp)
+                out.append(CellResult.model_validate(json.loads(Path(p).read_text())))
+    return out
+
+
+def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
+           signal: str = "energy") -> str:
+    """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task."""
+    if not results:
+        raise EebenchError("no results to report")
+    from eebench.models import _atomic
+
+    text = []
+    for task in sorted({r.task for r in results}):
+        rs = [r for r in results if r.task == task]
+        metric = rs[0].config["main_metric"]
+        pool = sorted({str(r.model.get("pooling")) for r in rs})
+        head_lr = sorted({str(r.model.get("head_lr")) for r in rs})
+        seeds = sorted({r.seed for r in rs})
+        hdr = (f"## {task}: dev {metric} (x100), model {rs[0].config['model']}, exit pooling {', '.join(pool)}, "
+               f"head lr {', '.join(head_lr)}, seeds {', '.join(map(str, seeds))}")
+        tables = {
+            f"main_{speedup:g}x": (f"{metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it)",
+                                   main_table(rs, speedup)),
+            "layers": ("per-layer dev score of each exit classifier", layer_table(rs)),
+        }
+        abl = ablation_table(rs, signal)
+        if len(abl):
+            tables[f"ablation_{signal}"] = (f"ablation ({signal} exits) at several speed-ups", abl)
+        text.append(hdr)
+        for name, (caption, df) in tables.items():
+            rendered = render(df, fmt)
+            text += [f"\n### {caption}\n", rendered]
+            if out_dir:
+                ext = {"markdown": "md", "latex": "tex", "csv": "csv"}[fmt]
+                p = Path(out_dir) / task / f"{name}.{ext}"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                _atomic(p, lambda f, t=rendered: Path(f).write_text(t + "\n"))
+        if out_dir:
+            curves = {}
+            for r in sorted(rs, key=lambda r: (_method_order(r.method), r.seed)):
+                for s, sw in sorted(r.sweeps.items()):
+                    lbl = f"{r.method} / {s}" + (f" / s{r.seed}" if len(seeds) > 1 else "")
+                    curves[lbl] = sw
+            png = plot_pareto(curves, Path(out_dir) / task / "pareto.png",
+                              title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling", metric=metric)
+            text.append(f"\nPareto plot: {png}")
+        text.append("")
+    return "\n".join(text)
+
+
+def load_results(results_dir: str | None, tracking_uri: str | None, task: str | None) -> list[CellResult]:
+    if tracking_uri:
+        rs = results_from_mlflow(tracking_uri, task)
+    else:
+        if not results_dir or not Path(results_dir).exists():
+            raise EebenchError(f"results folder {results_dir} does not exist; pass --results DIR or --tracking-uri URI")
+        rs = find_results(results_dir)
+    if task:
+        rs = [r for r in rs if r.task == task]
+    if not rs:
+        raise EebenchError(f"no eebench results found in {tracking_uri or results_dir}" + (f" for task {task}" if task else ""))
+    return rs

@@ -1,0 +1,124 @@
+"""Trainer: determinism, resume after a kill, losses going down, COSEE range, warnings."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eebench.data import get_task, load_task, tokenize
+from eebench.models import MultiExitConfig, MultiExitModel
+from eebench.strategy import build_strategy
+from eebench.training import TrainConfig, Trainer, collapsed_layers, collect_logits, seed_everything
+
+
+@pytest.fixture
+def toy(tiny_backbone_dir, toy_task):
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    spec = get_task(str(toy_task))
+    train = tokenize(load_task(str(toy_task), "train"), tok, spec, 32)
+    dev = tokenize(load_task(str(toy_task), "dev"), tok, spec, 32)
+    return tiny_backbone_dir, tok, spec, train, dev
+
+
+def _train(toy, method="vanilla", out=None, resume=False, epochs=2, seed=7, lr=3e-3, **kw):
+    path, tok, spec, train, dev = toy
+    seed_everything(seed)
+    model = MultiExitModel.from_config(MultiExitConfig(model=str(path), num_labels=2, pooling="mean"))
+    cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=16, seed=seed, progress=False, device="cpu", **kw)
+    strategy = build_strategy(method)
+    trainer = Trainer(model, strategy, cfg, tok, spec, out_dir=out)
+    res = trainer.train(train, dev, resume=resume)
+    return model, strategy, res
+
+
+def _dev_loss(model, toy):
+    _, tok, _, _, dev = toy
+    logits, labels = collect_logits(model, dev, tok, 64)
+    return torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels.unsqueeze(1).expand(-1, logits.shape[1]),
+                                             reduction="none").mean(0)
+
+
+def test_training_lowers_every_layer_loss(toy):
+    path, *_ = toy
+    seed_everything(7)
+    before = MultiExitModel.from_config(MultiExitConfig(model=str(path), num_labels=2, pooling="mean"))
+    loss0 = _dev_loss(before, toy)
+    model, _, res = _train(toy, "vanilla", epochs=3)
+    loss1 = _dev_loss(model, toy)
+    assert (loss1 < loss0).all(), (loss0, loss1)
+    assert len(res.history) == 3 and len(res.history[0]["layers"]) == 4
+    assert res.steps == 3 * 6  # 96 rows / 16
+
+
+def test_same_seed_same_dev_logits(toy):
+    m1, _, _ = _train(toy, "cosee", epochs=1)
+    m2, _, _ = _train(toy, "cosee", epochs=1)
+    l1, _ = collect_logits(m1, toy[4], toy[1])
+    l2, _ = collect_logits(m2, toy[4], toy[1])
+    assert torch.equal(l1, l2)
+
+
+def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
+    full, _, _ = _train(toy, "cosee", out=tmp_path / "a", epochs=2, checkpoint_every=2)
+
+    # Kill the second run in the middle of epoch 2 (after optimiser step 9 of 12).
+    import eebench.training as tr
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 8 and state["state"]["epoch"] == 1  # mid-epoch checkpoint
+    assert state["strategy"]["lo"] != 0.0 or state["strategy"]["hi"] != 1.0  # COSEE range after epoch 1
+    resumed, _, res = _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
+    assert res.resumed_from_step == 8
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert tr  # module import used for monkeypatch scope clarity
+
+
+def test_cosee_threshold_range_follows_observed_signals(toy):
+    _, strategy, _ = _train(toy, "cosee", epochs=1)
+    assert (strategy.lo, strategy.hi) != (0.0, 1.0)
+    assert 0.0 < strategy.lo < strategy.hi < 1.0
+
+
+def test_two_stage_freezes_backbone_in_stage_two(toy):
+    model, _, res = _train(toy, "two-stage", epochs=1)
+    assert [h["phase"] for h in res.history] == ["backbone+final", "internal-heads"]
+
+
+def test_head_lr_is_a_separate_group(toy):
+    path, tok, spec, train, dev = toy
+    model = MultiExitModel.from_config(MultiExitConfig(model=str(path), num_labels=2))
+    t = Trainer(model, build_strategy("vanilla"), TrainConfig(lr=1e-4, head_lr=5e-3, progress=False), tok, spec)
+    lrs = sorted(g["lr"] for g in t._optimizer().param_groups)
+    assert lrs == [1e-4, 5e-3]
+
+
+def test_collapse_warning_fires_on_constant_heads():
+    labels = torch.tensor([0, 0, 0, 1, 1, 0, 0, 1])
+    logits = torch.zeros(8, 3, 2)
+    logits[:, :2, 0] = 5.0  # internal heads always predict class 0 (the majority)
+    logits[:, 2] = torch.nn.functional.one_hot(labels, 2).float()  # the final head is perfect
+    assert collapsed_layers(logits, labels, "accuracy") == [1, 2]
+    logits[:, 1] = torch.nn.functional.one_hot(labels, 2).float()
+    assert collapsed_layers(logits, labels, "accuracy") == [1]
+
+
+def test_accumulation_needs_divisible_batch():
+    from eebench.errors import EebenchError
+
+    with pytest.raises(EebenchError, match="not a multiple"):
+        TrainConfig(batch_size=32, micro_batch_size=5).accumulation()
