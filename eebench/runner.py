@@ -114,7 +114,7 @@ def validate(cfg: RunConfig):
 
     spec = get_task(cfg.task)
     check_trainable(spec)
-    for m in cfg.methods:
+    for m in dict.fromkeys([*cfg.methods, *cfg.method_params]):  # overrides of other methods are checked too
         get_method(m)
         build_strategy(m, cfg.method_params.get(m))
     for s in cfg.signals:
@@ -154,6 +154,8 @@ class Runner:
         uri = cfg.tracking_uri or default_tracking_uri(cfg.output)
         self.tracker = Tracker(uri, cfg.output, enabled=not cfg.no_mlflow)
         self._data = None
+        #: Called as hook(model, epoch, history_entry) after every training epoch (Ray Tune reports here).
+        self.epoch_hook = None
 
     # -- data ----------------------------------------------------------------------------
     def data(self):
@@ -175,7 +177,7 @@ class Runner:
             else:
                 train_raw = subset(train_raw, self.cfg.train_samples, seed=0)
             dev_raw = subset(dev_raw, self.cfg.eval_samples, seed=0)
-            info = {"train_rows": len(train_raw), "dev_rows": len(dev_raw), "train_fingerprint": data_fingerprint(train_raw),
+            info = {"task_source": str(self.cfg.task), "train_rows": len(train_raw), "dev_rows": len(dev_raw), "train_fingerprint": data_fingerprint(train_raw),
                     "dev_fingerprint": data_fingerprint(dev_raw), "eval_split": self.spec.eval_split}
             self._data = (tokenize(train_raw, tok, self.spec, self.cfg.max_seq_length),
                           tokenize(dev_raw, tok, self.spec, self.cfg.max_seq_length), tok, info)
@@ -243,7 +245,8 @@ class Runner:
         resuming = (d / "checkpoint" / "trainer_state.json").exists()
         print(f"[{method} seed {seed}] {'resuming' if resuming else 'training'} in {d}", flush=True)
         t0 = time.perf_counter()
-        trainer = Trainer(model, strategy, tcfg, tok, self.spec, out_dir=d)
+        on_epoch = (lambda n, entry: self.epoch_hook(model, n, entry)) if self.epoch_hook else None
+        trainer = Trainer(model, strategy, tcfg, tok, self.spec, out_dir=d, on_epoch=on_epoch)
         tr = trainer.train(train_ds, dev_ds, resume=resuming)
         t_train = time.perf_counter() - t0
         model.save(d / "model")
@@ -411,11 +414,12 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
     out = []
     for d in paths:
         result = CellResult.from_disk(d / "result.json")
-        spec = get_task(result.task)
+        task = result.data.get("task_source", result.task)  # a custom task is known by its YAML path
+        spec = get_task(task)
         for s in signals:
             get_signal(s).check_task(spec.num_labels)
         root = d.parent.parent
-        cfg = RunConfig(task=result.task, model=result.config["model"], output=str(root), tracking_uri=tracking_uri,
+        cfg = RunConfig(task=task, model=result.config["model"], output=str(root), tracking_uri=tracking_uri,
                         no_mlflow=no_mlflow, num_thresholds=num_thresholds, confirm_thresholds=0, methods=[result.method],
                         signals=signals)
         runner = Runner(cfg)

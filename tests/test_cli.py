@@ -1,0 +1,250 @@
+"""End-to-end CLI: eebench run / sweep / report / list on a tiny model and a tiny CSV task."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eebench.cli import main
+from eebench.results import find_results
+
+
+def _run_args(task, model, out, *extra):
+    return ["run", "--task", str(task), "--model", str(model), "--epochs", "1", "--batch-size", "16", "--lr", "3e-3",
+            "--pooling", "mean", "--num-thresholds", "20", "--output", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_backbone_dir):
+    from tests.conftest import write_toy_task
+
+    toy_task = write_toy_task(tmp_path_factory.mktemp("toy"))
+    out = tmp_path_factory.mktemp("finished") / "runs"
+    rc = main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla,cosee", "--signals", "energy,entropy",
+                        "--seeds", "1,2"))
+    assert rc == 0
+    return out, toy_task
+
+
+def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
+    import mlflow
+
+    finished_run, _ = finished_run
+    results = find_results(finished_run)
+    assert sorted((r.method, r.seed) for r in results) == [("cosee", 1), ("cosee", 2), ("vanilla", 1), ("vanilla", 2)]
+    r = results[0]
+    assert r.schema_version == 1 and r.eebench_version and r.data["train_fingerprint"]
+    assert set(r.sweeps) == {"energy", "entropy"}
+    sw = r.sweeps["energy"]
+    assert len(sw.points) >= 10 and {"threshold", "speedup", "exit_counts", "accuracy", "f1", "pareto"} <= set(sw.points[0])
+    assert {"accuracy_at_1.5x", "accuracy_at_2x", "accuracy_at_3x", "accuracy_at_4x", "auc"} <= set(sw.summary)
+    assert sw.confirm and all(c["exit_mismatches"] == 0 and c["prediction_mismatches"] == 0 for c in sw.confirm)
+    assert r.model["pooling"] == "mean" and r.model["head_lr"] == 3e-3
+    assert len(r.layers) == 4 and len(r.training["history"]) == 1
+
+    # MLflow: one experiment per task, a parent run, one child per cell with params/metrics/artefacts.
+    uri = f"sqlite:///{finished_run / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["eebench-toy"], output_format="pandas")
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(children) == 4 and len(parents) == 1
+    assert set(children["params.method"]) == {"vanilla", "cosee"}
+    assert "params.method_params.alpha" in children.columns
+    assert children["params.pooling_used"].eq("mean").all()
+    assert children["metrics.energy_accuracy_at_1.5x"].notna().all()
+    assert children["metrics.dev_layer1_accuracy"].notna().all()
+    client = mlflow.tracking.MlflowClient(uri)
+    cid = children["run_id"].iloc[0]
+    arts = {a.path for a in client.list_artifacts(cid)} | {a.path for a in client.list_artifacts(cid, "sweeps")} | {
+        a.path for a in client.list_artifacts(cid, "plots")}
+    assert {"result.json", "sweeps/sweep_energy.csv", "plots/pareto_energy.png"} <= arts
+    hist = client.get_metric_history(cid, "dev_layer4_accuracy")
+    assert [m.step for m in hist] == [1]
+
+    # Report from local results and from MLflow.
+    rep = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["report", "--results", str(finished_run), "--out", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy at >= 2x speed-up" in text and "±" in text and "exit pooling mean" in text
+    assert (rep / "toy" / "pareto.png").stat().st_size > 1000
+    assert {"main_2x.md", "layers.md", "ablation_energy.md"} <= {p.name for p in (rep / "toy").iterdir()}
+    assert main(["report", "--tracking-uri", uri, "--format", "latex"]) == 0
+    assert "\\toprule" in capsys.readouterr().out
+    assert main(["report", "--results", str(finished_run), "--format", "csv"]) == 0
+
+
+def test_second_identical_run_trains_nothing(finished_run, tiny_backbone_dir, capsys, monkeypatch):
+    import eebench.training as tr
+
+    finished_run, toy_task = finished_run
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(tr.Trainer, "train", boom)
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("result.json")}
+    assert main(_run_args(toy_task, tiny_backbone_dir, finished_run, "--methods", "vanilla,cosee",
+                          "--signals", "energy,entropy", "--seeds", "1,2")) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime_ns for p in finished_run.rglob("result.json")}
+    # a new signal is swept from the cached logits, still without training
+    assert main(_run_args(toy_task, tiny_backbone_dir, finished_run, "--methods", "vanilla", "--signals",
+                          "energy,entropy,patience", "--seeds", "1")) == 0
+    r = [r for r in find_results(finished_run) if r.method == "vanilla" and r.seed == 1][0]
+    assert set(r.sweeps) == {"energy", "entropy", "patience"}
+
+
+def test_sweep_command_adds_signals(finished_run):
+    finished_run, _ = finished_run
+    cell = next(p.parent for p in finished_run.rglob("result.json") if "cosee-s1" in str(p))
+    assert main(["sweep", str(cell), "--signals", "softmax", "--no-mlflow"]) == 0
+    assert "softmax" in json.loads((cell / "result.json").read_text())["sweeps"]
+
+
+def test_interrupted_cell_resumes_without_corrupt_files(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
+    import eebench.runner as runner
+
+    out = tmp_path / "runs"
+    real = runner.Runner.sweep_cell
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "sweep_cell", die)
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy")) == 130
+    assert not list(out.rglob("result.json")) and not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(runner.Runner, "sweep_cell", real)
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy")) == 0
+    assert len(find_results(out)) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "nope"], "unknown method 'nope'; known: "),
+        (["--signals", "confidence"], "unknown signal 'confidence'; known: energy, entropy, patience, softmax"),
+        (["--seeds", ""], "--seeds is empty"),
+        (["epochs"], "override 'epochs' is not key=value"),
+        (["cosee.gamma=1"], "method 'cosee' has no hyper-parameter 'gamma'"),
+        (["colour=red"], "known keys"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, tiny_backbone_dir, toy_task, capsys, args, message):
+    rc = main(_run_args(toy_task, tiny_backbone_dir, tmp_path / "runs", "--methods", "vanilla", "--signals", "energy")
+              + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_task_model_and_output(tmp_path, tiny_backbone_dir, toy_task, capsys):
+    assert main(["run", "--task", "sst3", "--output", str(tmp_path / "r")]) == 2
+    assert "unknown task 'sst3'" in capsys.readouterr().err
+    assert main(_run_args(toy_task, tmp_path / "no-such-model", tmp_path / "r", "--methods", "vanilla")) == 2
+    assert "cannot load" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits: use a file as the folder instead
+            ro = tmp_path / "file"
+            ro.write_text("")
+        assert main(_run_args(toy_task, tiny_backbone_dir, ro / "out", "--methods", "vanilla")) == 2
+        assert "cannot be written" in capsys.readouterr().err
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert main(["run", "--task", "stsb", "--signals", "energy", "--output", str(tmp_path / "r")]) == 2
+    assert "regression" in capsys.readouterr().err
+
+
+def test_config_file_and_overrides(tmp_path, tiny_backbone_dir, toy_task):
+    from eebench.runner import run_config_from
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text(f"task: {toy_task}\nmodel: {tiny_backbone_dir}\nmethods: [cosee]\nepochs: 3\n")
+    cfg = run_config_from({"epochs": None, "lr": 1e-3}, str(cfg_file), ["epochs=2", "cosee.alpha=0.01", "seeds=[1,2]"])
+    assert cfg.epochs == 2 and cfg.lr == 1e-3 and cfg.methods == ["cosee"] and cfg.seeds == [1, 2]
+    assert cfg.method_params == {"cosee": {"alpha": 0.01}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    from eebench.errors import EebenchError
+
+    with pytest.raises(EebenchError, match="not valid YAML"):
+        run_config_from({}, str(bad), [])
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("cosee-no-swm", "two-stage", "final-only", "patience", "sst2", "minilm-l6"):
+        assert word in out
+
+
+def test_unreachable_tracking_server_still_finishes(tmp_path, tiny_backbone_dir, toy_task, capsys):
+    port = _free_port()
+    rc = main(_run_args(toy_task, tiny_backbone_dir, tmp_path / "runs", "--methods", "vanilla", "--signals", "energy",
+                        "--tracking-uri", f"http://127.0.0.1:{port}"))
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("is unreachable") == 1 and "nothing is lost" in out
+    assert len(find_results(tmp_path / "runs")) == 1
+
+
+def test_custom_csv_task_trains_and_evaluates(tmp_path, tiny_backbone_dir, toy_task):
+    out = tmp_path / "runs"
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "weighted", "--signals", "softmax",
+                          "--no-mlflow")) == 0
+    (r,) = find_results(out)
+    assert r.task == "toy" and r.data["train_rows"] == 96 and r.data["dev_rows"] == 48
+    assert 0.0 <= r.layers[-1]["accuracy"] <= 1.0 and "f1" in r.layers[-1]
+    assert not (out / "mlflow.db").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_mlflow_server(tmp_path, tiny_backbone_dir, toy_task):
+    """A real `mlflow server` on 127.0.0.1: the run logs to it and search_runs finds the cells."""
+    import mlflow
+
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}", "--artifacts-destination", str(store / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        assert main(_run_args(toy_task, tiny_backbone_dir, tmp_path / "runs", "--methods", "vanilla,cosee",
+                              "--signals", "energy", "--tracking-uri", uri)) == 0
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=["eebench-toy"])
+        children = runs[runs["tags.mlflow.parentRunId"].notna()]
+        assert len(children) == 2 and children["metrics.energy_auc"].notna().all()
+        client = mlflow.tracking.MlflowClient(uri)
+        assert "result.json" in {a.path for a in client.list_artifacts(children["run_id"].iloc[0])}
+        assert main(["report", "--tracking-uri", uri, "--task", "toy"]) == 0
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
