@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output folder)")
     r.add_argument("--no-mlflow", action="store_true", default=None, help="do not log to MLflow")
     r.add_argument("--num-thresholds", type=int, help="thresholds per signal sweep (default 100)")
-    r.add_argument("--executor", default="local", choices=["local"], help="where cells run")
+    r.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where cells run: local (default) or ray (one Ray task per cell; pip install 'eebench[ray]')")
+    from eebench.distributed import add_ray_arguments, add_tune_arguments
+
+    add_ray_arguments(r)
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=2 cosee.alpha=0.01")
 
     s = sub.add_parser("sweep", help="sweep saved runs with other signals (no retraining)")
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, help="use the first N dev inputs")
     b.add_argument("--tracking-uri")
     b.add_argument("--no-mlflow", action="store_true")
+
+    add_tune_arguments(sub.add_parser("tune", help="hyper-parameter search on Ray Tune; every trial is one eebench cell"))
 
     sub.add_parser("list", help="registered methods, signals, tasks and models")
     return p
@@ -116,7 +122,21 @@ def cmd_run(args) -> None:
             "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
             "precision", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
-    Runner(cfg).run()
+    if args.executor == "ray":
+        from eebench.distributed import cmd_run_ray
+
+        cmd_run_ray(cfg, args)
+    else:
+        from eebench.distributed import check_no_ray_flags
+
+        check_no_ray_flags(args)
+        Runner(cfg).run()
+
+
+def cmd_tune(args) -> None:
+    from eebench.distributed import cmd_tune as tune
+
+    tune(args)
 
 
 def cmd_report(args) -> None:
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"list": lambda: cmd_list(), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
-         "sweep": lambda: cmd_sweep(args), "bench": lambda: cmd_bench(args)}[args.command]()
+         "sweep": lambda: cmd_sweep(args), "bench": lambda: cmd_bench(args), "tune": lambda: cmd_tune(args)}[args.command]()
     except EebenchError as e:
         print(f"eebench: error: {e}", file=sys.stderr)
         return 2

@@ -157,26 +157,53 @@ class EarlyExitEngine:
 
     # -- public ----------------------------------------------------------------------
     def run(self, examples, mode: str = "single", batch_size: int = 32,
-            on_layer: LayerCallback | None = None) -> EngineOutput:
-        """Early-exit inference over ``examples`` (see ``prepare_examples``) in ``mode``."""
+            on_layer: LayerCallback | None = None, sort_by_length: bool = False) -> EngineOutput:
+        """Early-exit inference over ``examples`` (see ``prepare_examples``) in ``mode``.
+
+        ``sort_by_length`` feeds batched / streaming modes shortest first (less padding); the
+        output is in input order either way.
+        """
+        if mode not in MODES:
+            raise EebenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         items = self._items(examples)
+        b = _check_batch(batch_size)
+        if mode == "single" or not sort_by_length:
+            return self._dispatch(items, mode, b, on_layer)
+        return self._sorted(items, lambda its, cb: self._dispatch(its, mode, b, cb), on_layer)
+
+    def run_full(self, examples, batch_size: int = 1, on_layer: LayerCallback | None = None,
+                 sort_by_length: bool = False) -> EngineOutput:
+        """The full-model baseline: every layer, then the final head only (no exit computation).
+
+        ``batch_size`` 1 runs one unpadded input at a time; larger sizes use the same batches as
+        ``run(mode="batched")`` with the same ``sort_by_length``.
+        """
+        items = self._items(examples)
+        b = _check_batch(batch_size)
+        if b == 1 or not sort_by_length:
+            return self._full(items, b, on_layer)
+        return self._sorted(items, lambda its, cb: self._full(its, b, cb), on_layer)
+
+    # -- pieces ------------------------------------------------------------------------
+    def _dispatch(self, items: list[Example], mode: str, b: int, on_layer) -> EngineOutput:
         with torch.inference_mode():
             if mode == "single":
                 return self._single(items, on_layer)
             if mode == "batched":
-                return self._batched(items, _check_batch(batch_size), on_layer)
-            if mode == "streaming":
-                return self._streaming(items, _check_batch(batch_size), on_layer)
-        raise EebenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+                return self._batched(items, b, on_layer)
+            return self._streaming(items, b, on_layer)
 
-    def run_full(self, examples, batch_size: int = 1, on_layer: LayerCallback | None = None) -> EngineOutput:
-        """The full-model baseline: every layer, then the final head only (no exit computation).
+    @staticmethod
+    def _sorted(items: list[Example], fn, on_layer) -> EngineOutput:
+        """Run ``fn`` on the items sorted by length (stable), report and return in input order."""
+        order = sorted(range(len(items)), key=lambda k: len(items[k]))
+        cb = None if on_layer is None else (lambda layer, idx: on_layer(layer, [order[k] for k in idx]))
+        out = fn([items[k] for k in order], cb)
+        inv = torch.empty(len(order), dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(len(order))
+        return EngineOutput(out.exit_layers[inv], out.predictions[inv], out.logits[inv])
 
-        ``batch_size`` 1 runs one unpadded input at a time; larger sizes use the same input-order
-        batches as ``run(mode="batched")``.
-        """
-        items = self._items(examples)
-        b = _check_batch(batch_size)
+    def _full(self, items: list[Example], b: int, on_layer) -> EngineOutput:
         m = self.num_layers
         ad, heads = self._adapter, self._heads
         logits_out = []
@@ -192,7 +219,6 @@ class EarlyExitEngine:
                 logits_out.append(heads(m - 1, hidden, mask.to(hidden.dtype)))
         return _output([m] * len(items), logits_out)
 
-    # -- pieces ------------------------------------------------------------------------
     def _items(self, examples) -> list[Example]:
         if isinstance(examples, list) and examples and all(isinstance(e, Example) for e in examples) \
                 and all(e.input_ids.device == self.device for e in examples):
@@ -490,6 +516,7 @@ def bench(
     threads: int | None = None,
     device: str | torch.device = "cpu",
     segment: int | None = None,
+    sort_by_length: bool = True,
     overhead_inputs: int = 128,
 ) -> dict:
     """Wall-clock latency and throughput of early exit against the full model, side by side.
@@ -499,15 +526,18 @@ def bench(
     ``repeats`` timed rounds runs every input through: the full model (every layer, final head
     only) and early exit at batch size 1, interleaved input by input; then, segment by segment
     (``segment`` inputs, default 8 x ``batch_size``; the streaming queue drains at the end of
-    each), the full model and early exit batched at ``batch_size`` and streaming. Interleaving
-    (with rotating order) makes the side-by-side figures robust to load from other processes.
+    each), the full model and early exit batched at ``batch_size`` and streaming; with
+    ``sort_by_length`` (default) these see the inputs shortest first, the cheapest way to batch
+    the full model (input order pads SST-2 batches by about half). Interleaving
+    (batches chunk by chunk, rotating order) keeps the side-by-side figures robust to load from
+    other processes.
     Wall speed-up = full time / early-exit time per round (batched full model for the batched
     and streaming modes), given as min / median / max over rounds next to the layer speed-up.
     Also the signal overhead at batch size 1 on the first ``overhead_inputs`` inputs.
     ``threads`` fixes ``torch.set_num_threads`` for the call (restored afterwards).
 
     Returns a JSON-serialisable dict with keys ``model``, ``signal``, ``num_layers``,
-    ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``threads``, ``repeats``,
+    ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``sort_by_length``, ``threads``, ``repeats``,
     ``warmup``, ``device``, ``torch``, ``platform``, ``full`` ({``single``, ``batched``}),
     ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
     ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
@@ -539,33 +569,44 @@ def bench(
         engines = [EarlyExitEngine(model, sig, r["threshold"], device) for r in runs]
         full = engines[0]
 
-        # Timed tasks: key -> callable on a list of examples.
+        # Timed tasks: (key, callable on a list of examples).
         single_tasks = [("full", lambda x: full.run_full(x, 1))] + [
             (e, lambda x, eng=eng: eng.run(x, "single")) for e, eng in enumerate(engines)]
-        batch_tasks = [("full", lambda x: full.run_full(x, b))]
-        for e, eng in enumerate(engines):
-            batch_tasks.append(((e, "batched"), lambda x, eng=eng: eng.run(x, "batched", b)))
-            batch_tasks.append(((e, "streaming"), lambda x, eng=eng: eng.run(x, "streaming", b)))
+        chunk_tasks = [("full", lambda x: full.run_full(x, b))] + [
+            ((e, "batched"), lambda x, eng=eng: eng.run(x, "batched", b)) for e, eng in enumerate(engines)]
+        stream_tasks = [((e, "streaming"), lambda x, eng=eng: eng.run(x, "streaming", b))
+                        for e, eng in enumerate(engines)]
+        batch_items = sorted(items, key=len) if sort_by_length else items
         clock = time.perf_counter
+
+        def timed(fn, arg) -> float:
+            t0 = clock()
+            fn(arg)
+            _sync(device)
+            return clock() - t0
 
         def one_round(r: int) -> tuple[dict, dict]:
             lat: dict = {k: [] for k, _ in single_tasks}
-            tot: dict = {k: 0.0 for k, _ in batch_tasks}
+            tot: dict = {k: 0.0 for k, _ in chunk_tasks + stream_tasks}
             for j, ex in enumerate(items):
                 k = (j + r) % len(single_tasks)
                 for key, fn in single_tasks[k:] + single_tasks[:k]:
-                    t0 = clock()
-                    fn([ex])
-                    _sync(device)
-                    lat[key].append(clock() - t0)
+                    lat[key].append(timed(fn, [ex]))
             for s, start in enumerate(range(0, n, seg)):
-                part = items[start:start + seg]
-                k = (s + r) % len(batch_tasks)
-                for key, fn in batch_tasks[k:] + batch_tasks[:k]:
-                    t0 = clock()
-                    fn(part)
-                    _sync(device)
-                    tot[key] += clock() - t0
+                part = batch_items[start:start + seg]
+
+                def chunks(part=part, s=s):
+                    for c, at in enumerate(range(0, len(part), b)):
+                        k = (c + s + r) % len(chunk_tasks)
+                        for key, fn in chunk_tasks[k:] + chunk_tasks[:k]:
+                            tot[key] += timed(fn, part[at:at + b])
+
+                if (s + r) % 2:
+                    chunks()
+                for key, fn in stream_tasks:
+                    tot[key] += timed(fn, part)
+                if not (s + r) % 2:
+                    chunks()
             return lat, tot
 
         for r in range(max(0, warmup)):
@@ -589,7 +630,7 @@ def bench(
         sim = simulate_exits(layer_logits, sig, [r["threshold"] for r in runs])  # [T, N]
         sim_preds = predictions_at_exit(layer_logits, sim)
         for e, (run, eng) in enumerate(zip(runs, engines, strict=True)):
-            outs = {mode: eng.run(items, mode, b) for mode in MODES}
+            outs = {mode: eng.run(items, mode, b, sort_by_length=sort_by_length) for mode in MODES}
             layer_speedup = outs["single"].speedup(m)
             run["layer_speedup"] = layer_speedup
             run["exit_counts"] = [int(c) for c in exit_counts(outs["single"].exit_layers, m)]
@@ -619,6 +660,7 @@ def bench(
             "mean_tokens": sum(lengths) / n,
             "batch_size": b,
             "segment": seg,
+            "sort_by_length": sort_by_length,
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "warmup": warmup,
@@ -650,6 +692,7 @@ def format_bench(result: dict) -> str:
     lines = [
         f"model `{result['model']}`, signal `{result['signal']}`, {result['num_inputs']} inputs "
         f"(mean {result['mean_tokens']:.1f} tokens), batch {result['batch_size']}, "
+        f"{'sorted by length' if result['sort_by_length'] else 'input order'}, "
         f"{result['threads']} thread(s), {result['device']}, {result['repeats']} rounds "
         f"(median (min-max)), torch {result['torch']}",
     ]

@@ -202,7 +202,11 @@ class Trainer:
                         sched.step()
                         opt.zero_grad(set_to_none=True)
                         state["step"] += 1
-                        bar.set_postfix(loss=f"{float(loss.detach()) * accum:.4f}")
+                        shown = float(loss.detach()) * accum
+                        bar.set_postfix(loss=f"{shown:.4f}")
+                        if bar.disable and cfg.progress and state["step"] % 25 == 0:  # logs without a terminal
+                            print(f"{self.strategy.name}: step {state['step']}/{total_steps} loss {shown:.4f} "
+                                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
                         state["micro"] = micro + 1
                         if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and not last:
                             state.update(phase=pi, epoch=epoch)
