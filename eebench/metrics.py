@@ -161,13 +161,13 @@ def exit_decision_rates(exit_layers: torch.Tensor, correct: torch.Tensor):
     Returns two [T] tensors (NaN where there were no such decisions).
     """
     n, m = correct.shape
-    layers = torch.arange(1, m, device=correct.device)  # internal layers 1..M-1
-    el = exit_layers.unsqueeze(-1)  # [T, N, 1]
-    cont = layers < el  # [T, N, M-1]
-    exited = (layers == el)  # exit decision at an internal layer
-    right = correct[:, : m - 1].unsqueeze(0)
-    n_exit = exited.sum((1, 2)).double()
-    n_cont = cont.sum((1, 2)).double()
-    premature = (exited & ~right).sum((1, 2)).double() / n_exit
-    delayed = (cont & right).sum((1, 2)).double() / n_cont
-    return premature, delayed
+    el = exit_layers.long()  # [T, N]
+    # right_before[n, k] = how many of layers 1..k are right (k = 0..M-1), read at k = m* - 1
+    right_before = torch.zeros(n, m, dtype=torch.long, device=correct.device)
+    right_before[:, 1:] = correct[:, : m - 1].long().cumsum(1)
+    delayed_n = right_before.T.gather(0, el - 1).sum(1).double()
+    n_cont = (el - 1).sum(1).double()
+    internal_exit = el < m
+    wrong_at_exit = ~correct.T.gather(0, el - 1)
+    premature = (internal_exit & wrong_at_exit).sum(1).double() / internal_exit.sum(1).double()
+    return premature, delayed_n / n_cont

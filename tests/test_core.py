@@ -299,3 +299,18 @@ def test_pooling_ignores_padding():
 def test_unknown_pooling_and_arch():
     with pytest.raises(EebenchError, match="known: cls, mean, pooler"):
         tiny_model("bert", pooling="max")
+
+
+def test_premature_and_delayed_rates_match_their_definition():
+    from eebench.metrics import exit_decision_rates
+
+    torch.manual_seed(0)
+    n, m, t = 30, 5, 7
+    correct = torch.rand(n, m) > 0.4
+    el = torch.randint(1, m + 1, (t, n))
+    premature, delayed = exit_decision_rates(el, correct)
+    for k in range(t):
+        exits = [bool(correct[i, el[k, i] - 1]) for i in range(n) if el[k, i] < m]
+        conts = [bool(correct[i, j]) for i in range(n) for j in range(int(el[k, i]) - 1)]
+        assert premature[k].item() == pytest.approx(sum(not x for x in exits) / len(exits))
+        assert delayed[k].item() == pytest.approx(sum(conts) / len(conts))

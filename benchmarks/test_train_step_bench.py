@@ -1,0 +1,69 @@
+"""Issue 4: on a real SST-2 batch of 32, MiniLM-L6, CPU: a cosee training step costs at most 1.05x
+a vanilla step, and a vanilla multi-exit step at most 1.10x a single-exit
+AutoModelForSequenceClassification step. The three are timed in interleaved rounds of one run."""
+
+import statistics
+import time
+
+import torch
+
+from benchmarks.conftest import needs_glue, sst2_rows
+from eebench.strategy import StepContext, build_strategy
+
+
+@needs_glue
+def test_train_step_ratios(benchmark, minilm):
+    from transformers import AutoModelForSequenceClassification
+
+    from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
+
+    _, tok = minilm
+    path, _ = resolve_model("minilm-l6")
+    rows = sst2_rows("train", 32)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    single = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).train()
+    multi_v = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()
+    multi_c = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()
+    vanilla, cosee = build_strategy("vanilla"), build_strategy("cosee")
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0)
+            for k, m in (("single", single), ("vanilla", multi_v), ("cosee", multi_c))}
+    ctx = StepContext(step=10, total_steps=100, epoch=0)
+
+    def step(kind):
+        opt = opts[kind]
+        if kind == "single":
+            loss = single(**inputs, labels=labels).loss
+            model = single
+        else:
+            model = multi_v if kind == "vanilla" else multi_c
+            loss, _ = (vanilla if kind == "vanilla" else cosee).loss(model(**inputs), labels, ctx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"single": [], "vanilla": [], "cosee": []}
+    order = ["single", "vanilla", "cosee"]
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.append(order.pop(0))  # rotate so that no kind always runs first
+
+    for kind in times:  # warm-up
+        step(kind)
+    benchmark.pedantic(one_round, rounds=15, warmup_rounds=0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    r_cosee = med["cosee"] / med["vanilla"]
+    r_multi = med["vanilla"] / med["single"]
+    benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()})
+    benchmark.extra_info.update({"cosee_over_vanilla": r_cosee, "vanilla_multi_over_single": r_multi})
+    print(f"\nmedian step (s): single-exit {med['single']:.3f}, vanilla multi-exit {med['vanilla']:.3f}, "
+          f"cosee {med['cosee']:.3f}; cosee/vanilla {r_cosee:.3f}, vanilla/single {r_multi:.3f}")
+    assert r_cosee <= 1.05
+    assert r_multi <= 1.10
