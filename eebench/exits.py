@@ -67,15 +67,14 @@ def pareto_front(speedups, scores) -> torch.Tensor:
     better in one), sorted by speed-up ascending."""
     s = torch.as_tensor(speedups, dtype=torch.float64)
     v = torch.as_tensor(scores, dtype=torch.float64)
-    # Sort by speed-up descending, then score descending; a point is on the front when its score
-    # beats every faster point's score.
-    order = sorted(range(len(s)), key=lambda i: (-float(s[i]), -float(v[i])))
-    best, keep = -float("inf"), []
-    for i in order:
-        if float(v[i]) > best:
-            keep.append(i)
-            best = float(v[i])
-    return torch.tensor(sorted(keep, key=lambda i: float(s[i])), dtype=torch.long)
+    # Sort by speed-up descending, then score descending (two stable sorts); a point is on the
+    # front when its score beats every faster (or equally fast, listed earlier) point's score.
+    idx = torch.argsort(-v, stable=True)
+    idx = idx[torch.argsort(-s[idx], stable=True)]
+    vs = v[idx]
+    best_before = torch.cat([vs.new_tensor([-float("inf")]), torch.cummax(vs, 0).values[:-1]])
+    keep = idx[vs > best_before]
+    return keep[torch.argsort(s[keep], stable=True)]
 
 
 def metric_at_speedup(speedups, scores, target: float) -> float:

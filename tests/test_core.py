@@ -314,3 +314,18 @@ def test_premature_and_delayed_rates_match_their_definition():
         conts = [bool(correct[i, j]) for i in range(n) for j in range(int(el[k, i]) - 1)]
         assert premature[k].item() == pytest.approx(sum(not x for x in exits) / len(exits))
         assert delayed[k].item() == pytest.approx(sum(conts) / len(conts))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 4)), min_size=1, max_size=25))
+def test_pareto_front_is_exactly_the_non_dominated_points(points):
+    s = [float(a) for a, _ in points]
+    v = [float(b) for _, b in points]
+    front = pareto_front(s, v).tolist()
+
+    def dominated(i):
+        return any(s[j] >= s[i] and v[j] >= v[i] and (s[j] > s[i] or v[j] > v[i]) for j in range(len(s)))
+
+    assert not any(dominated(i) for i in front)
+    assert {(s[i], v[i]) for i in front} == {(s[i], v[i]) for i in range(len(s)) if not dominated(i)}
+    assert len(front) == len({(s[i], v[i]) for i in front})  # one index per distinct point
