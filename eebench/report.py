@@ -39,16 +39,27 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
 
     from eebench.models import _atomic
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    # Labels are "method / signal[ / seed]": colour by signal, line style by method, so that
+    # curves that coincide (entropy and max softmax are monotone in each other for 2 classes)
+    # stay visible.
+    parts = {label: [p.strip() for p in label.split("/")] for label in curves}
+    methods = list(dict.fromkeys(p[0] for p in parts.values()))
+    signals = list(dict.fromkeys(p[1] if len(p) > 1 else p[0] for p in parts.values()))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
-    for i, (label, sw) in enumerate(curves.items()):
+    for label, sw in curves.items():
         xs, ys = _front(sw, metric)
         if not xs:
             continue
+        p = parts[label]
+        colour = colours[signals.index(p[1] if len(p) > 1 else p[0]) % len(colours)]
+        style = styles[methods.index(p[0]) % len(styles)]
+        width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
         if len(xs) == 1:
-            ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", label=label)
+            ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", color=colour, label=label)
         else:
-            ax.plot(xs, ys, marker="o", markersize=3, linestyle=styles[(i // 10) % 4], label=label)
+            ax.plot(xs, ys, marker="o", markersize=2.5, linestyle=style, linewidth=width, color=colour, label=label)
     ax.set_xlabel("speed-up (layers, Eq. 12)")
     ax.set_ylabel(f"dev {metric}")
     ax.set_title(title, fontsize=10)
