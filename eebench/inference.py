@@ -5,8 +5,8 @@ threshold, in three modes that all give the exit layers and predictions of the o
 (``eebench.exits.simulate_exits``) up to float noise:
 
 * ``single``: one input at a time, no padding (the latency setting);
-* ``batched``: fixed batches in input order; exited samples leave the batch after every layer and
-  padding columns that only exited samples needed are trimmed;
+* ``batched``: fixed batches (in input order, or shortest first with ``sort_by_length``); exited
+  samples leave the batch after every layer and padding columns only they needed are trimmed;
 * ``streaming``: the batch is kept full by refilling it with waiting inputs as others exit; every
   sample keeps its own layer position, hidden states and length.
 
@@ -94,6 +94,8 @@ def prepare_examples(examples, device: str | torch.device = "cpu") -> list[Examp
                            None if tt is None else tt[:length].to(device)))
     if not out:
         raise EebenchError("no inputs to run")
+    if len({e.token_type_ids is None for e in out}) > 1:
+        raise EebenchError("some inputs have token_type_ids and others not: give them to all or none")
     return out
 
 
@@ -320,7 +322,8 @@ class EarlyExitEngine:
         Each step runs the deepest layer that has a full batch waiting; when none has, ``b`` new
         inputs are embedded and run through layer 1; once the inputs are exhausted the queues are
         drained shallowest first (so stragglers merge into larger batches at deeper layers).
-        Every queue stays below 2 * ``b`` samples.
+        A queue holding more than ``b`` sends its shortest samples first (less padding); every
+        queue stays below 2 * ``b`` samples.
         """
         n, m = len(items), self.num_layers
         ad, heads = self._adapter, self._heads
@@ -345,7 +348,14 @@ class EarlyExitEngine:
                     if layer is None:
                         break
                 q = queues[layer]
-                slots = [q.popleft() for _ in range(min(b, len(q)))]
+                if len(q) > b:  # the shortest go first: similar lengths pad less
+                    ranked = sorted(q, key=lambda slot: slot.hidden.shape[0])
+                    slots = ranked[:b]
+                    q.clear()
+                    q.extend(ranked[b:])
+                else:
+                    slots = list(q)
+                    q.clear()
                 index = [s.index for s in slots]
                 hidden = pad_sequence([s.hidden for s in slots], batch_first=True)
                 mask = pad_sequence([s.mask for s in slots], batch_first=True)
@@ -542,7 +552,8 @@ def bench(
     ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
     ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
     fractions}, ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},
-    ``wall_over_layer`` {mode: median wall speed-up / layer speed-up}) and ``signal_overhead``
+    ``wall_over_layer`` {mode: median wall speed-up / layer speed-up}, ``cpu_speedup`` {mode:
+    spread of the same ratio in process CPU time, a cross-check on a shared machine}) and ``signal_overhead``
     (see ``signal_overhead``). A timing entry has ``total_s`` and ``throughput`` (inputs/s); at
     batch size 1 also ``latency_ms`` {``median``, ``p90``, ``p99``}. Every number that varies
     over rounds is a spread {``min``, ``median``, ``max``}.
@@ -570,28 +581,34 @@ def bench(
         full = engines[0]
 
         # Timed tasks: (key, callable on a list of examples).
-        single_tasks = [("full", lambda x: full.run_full(x, 1))] + [
+        single_tasks = [("full-single", lambda x: full.run_full(x, 1))] + [
             (e, lambda x, eng=eng: eng.run(x, "single")) for e, eng in enumerate(engines)]
-        chunk_tasks = [("full", lambda x: full.run_full(x, b))] + [
+        chunk_tasks = [("full-batched", lambda x: full.run_full(x, b))] + [
             ((e, "batched"), lambda x, eng=eng: eng.run(x, "batched", b)) for e, eng in enumerate(engines)]
         stream_tasks = [((e, "streaming"), lambda x, eng=eng: eng.run(x, "streaming", b))
                         for e, eng in enumerate(engines)]
         batch_items = sorted(items, key=len) if sort_by_length else items
         clock = time.perf_counter
 
-        def timed(fn, arg) -> float:
-            t0 = clock()
-            fn(arg)
-            _sync(device)
-            return clock() - t0
+        cpu_clock = time.process_time
 
-        def one_round(r: int) -> tuple[dict, dict]:
+        def one_round(r: int) -> tuple[dict, dict, dict]:
             lat: dict = {k: [] for k, _ in single_tasks}
             tot: dict = {k: 0.0 for k, _ in chunk_tasks + stream_tasks}
+            cpu: dict = {k: 0.0 for k, _ in single_tasks + chunk_tasks + stream_tasks}
+
+            def timed(key, fn, arg) -> float:
+                c0, t0 = cpu_clock(), clock()
+                fn(arg)
+                _sync(device)
+                wall = clock() - t0
+                cpu[key] += cpu_clock() - c0
+                return wall
+
             for j, ex in enumerate(items):
                 k = (j + r) % len(single_tasks)
                 for key, fn in single_tasks[k:] + single_tasks[:k]:
-                    lat[key].append(timed(fn, [ex]))
+                    lat[key].append(timed(key, fn, [ex]))
             for s, start in enumerate(range(0, n, seg)):
                 part = batch_items[start:start + seg]
 
@@ -599,23 +616,23 @@ def bench(
                     for c, at in enumerate(range(0, len(part), b)):
                         k = (c + s + r) % len(chunk_tasks)
                         for key, fn in chunk_tasks[k:] + chunk_tasks[:k]:
-                            tot[key] += timed(fn, part[at:at + b])
+                            tot[key] += timed(key, fn, part[at:at + b])
 
                 if (s + r) % 2:
                     chunks()
                 for key, fn in stream_tasks:
-                    tot[key] += timed(fn, part)
+                    tot[key] += timed(key, fn, part)
                 if not (s + r) % 2:
                     chunks()
-            return lat, tot
+            return lat, tot, cpu
 
         for r in range(max(0, warmup)):
             one_round(r)
         rounds = [one_round(r) for r in range(repeats)]
 
         def single_stats(key) -> dict:
-            totals = [sum(lat[key]) for lat, _ in rounds]
-            lats = [sorted(lat[key]) for lat, _ in rounds]
+            totals = [sum(lat[key]) for lat, _, _ in rounds]
+            lats = [sorted(lat[key]) for lat, _, _ in rounds]
             return {
                 "total_s": _spread(totals),
                 "throughput": _spread([n / t for t in totals]),
@@ -624,7 +641,7 @@ def bench(
             }
 
         def batch_stats(key) -> dict:
-            totals = [tot[key] for _, tot in rounds]
+            totals = [tot[key] for _, tot, _ in rounds]
             return {"total_s": _spread(totals), "throughput": _spread([n / t for t in totals])}
 
         sim = simulate_exits(layer_logits, sig, [r["threshold"] for r in runs])  # [T, N]
@@ -643,9 +660,16 @@ def bench(
             run["batched"] = batch_stats((e, "batched"))
             run["streaming"] = batch_stats((e, "streaming"))
             ws = {
-                "single": _spread([sum(lat["full"]) / sum(lat[e]) for lat, _ in rounds]),
-                "batched": _spread([tot["full"] / tot[(e, "batched")] for _, tot in rounds]),
-                "streaming": _spread([tot["full"] / tot[(e, "streaming")] for _, tot in rounds]),
+                "single": _spread([sum(lat["full-single"]) / sum(lat[e]) for lat, _, _ in rounds]),
+                "batched": _spread([tot["full-batched"] / tot[(e, "batched")] for _, tot, _ in rounds]),
+                "streaming": _spread([tot["full-batched"] / tot[(e, "streaming")] for _, tot, _ in rounds]),
+            }
+            # Process CPU time of the same calls: a cross-check that waiting for a busy CPU does
+            # not enter (on a shared machine wall time carries other processes' load).
+            run["cpu_speedup"] = {
+                "single": _spread([cpu["full-single"] / cpu[e] for _, _, cpu in rounds]),
+                "batched": _spread([cpu["full-batched"] / cpu[(e, "batched")] for _, _, cpu in rounds]),
+                "streaming": _spread([cpu["full-batched"] / cpu[(e, "streaming")] for _, _, cpu in rounds]),
             }
             run["wall_speedup"] = ws
             run["wall_over_layer"] = {k: v["median"] / layer_speedup for k, v in ws.items()}
@@ -667,7 +691,7 @@ def bench(
             "device": str(device),
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "full": {"single": single_stats("full"), "batched": batch_stats("full")},
+            "full": {"single": single_stats("full-single"), "batched": batch_stats("full-batched")},
             "runs": runs,
             "signal_overhead": signal_overhead(full, items[: max(1, overhead_inputs)], repeats),
         }
@@ -702,8 +726,8 @@ def format_bench(result: dict) -> str:
             "",
             f"threshold {run['threshold']:.6g}: layer speed-up {ls:.3f}x, exit counts {run['exit_counts']}",
             "",
-            "| mode | full model | early exit | wall speed-up | wall / layer speed-up |",
-            "|---|---|---|---|---|",
+            "| mode | full model | early exit | wall speed-up | wall / layer speed-up | CPU-time speed-up |",
+            "|---|---|---|---|---|---|",
         ]
         for mode, base in (("single", full["single"]), ("batched", full["batched"]), ("streaming", full["batched"])):
             ee = run[mode]
@@ -711,12 +735,13 @@ def format_bench(result: dict) -> str:
             lines.append(
                 f"| {mode} ({'batch 1' if mode == 'single' else 'batch ' + str(result['batch_size'])}) | "
                 f"{med(base['throughput']):.1f} inputs/s | {med(ee['throughput']):.1f} inputs/s | "
-                f"{rng(ws, '{:.2f}')}x | {run['wall_over_layer'][mode]:.2f} |"
+                f"{rng(ws, '{:.2f}')}x | {run['wall_over_layer'][mode]:.2f} | "
+                f"{rng(run['cpu_speedup'][mode], '{:.2f}')}x |"
             )
         fl, el = full["single"]["latency_ms"], run["single"]["latency_ms"]
         lines.append(
             f"| latency batch 1 (ms, median / p90 / p99) | {med(fl['median']):.2f} / {med(fl['p90']):.2f} / "
-            f"{med(fl['p99']):.2f} | {med(el['median']):.2f} / {med(el['p90']):.2f} / {med(el['p99']):.2f} | | |"
+            f"{med(fl['p99']):.2f} | {med(el['median']):.2f} / {med(el['p90']):.2f} / {med(el['p99']):.2f} | | | |"
         )
         agree = ", ".join(f"{k} {v['exit_layers']:.3f}/{v['predictions']:.3f}" for k, v in run["matches_simulation"].items())
         lines += ["", f"agreement with the one-pass simulation (exit layers / predictions): {agree}"]

@@ -1,0 +1,235 @@
+"""The early-exit engine reproduces the one-pass simulation in every mode, runs no layer a sample
+does not need, keeps input order; the threshold picker and the bench function keep their promises.
+
+Tiny random backbones; the exit heads get large weights so that signal values spread out and the
+thresholds (picked midway between observed values) sit far from float noise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from eebench.errors import EebenchError
+from eebench.exits import predictions_at_exit, simulate_exits
+from eebench.inference import (
+    MODES,
+    EarlyExitEngine,
+    bench,
+    collate,
+    format_bench,
+    one_pass_logits,
+    pick_threshold,
+    prepare_examples,
+)
+from eebench.metrics import speedup_ratio
+from eebench.models import MultiExitConfig, MultiExitModel
+
+SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, vocab_size=100)
+BACKBONES = {
+    "bert": dict(model_type="bert", max_position_embeddings=64, **SMALL),
+    "albert": dict(model_type="albert", embedding_size=16, max_position_embeddings=64, **SMALL),
+    "mpnet": dict(model_type="mpnet", max_position_embeddings=70, **SMALL),
+}
+POOLING = {"bert": "mean", "albert": "pooler", "mpnet": "cls"}
+SIGNALS = ("energy", "entropy", "softmax", "patience")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_model(kind: str, num_labels: int = 3, seed: int = 0) -> MultiExitModel:
+    torch.manual_seed(seed)
+    cfg = MultiExitConfig(model="tiny", num_labels=num_labels, pooling=POOLING[kind], backbone_config=BACKBONES[kind])
+    model = MultiExitModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for lin in model.heads.classifiers:
+            lin.weight.normal_(0, 1.5)
+            lin.bias.normal_(0, 0.5)
+    return model
+
+
+def make_examples(n: int = 16, seed: int = 1, token_types: bool = True) -> list[dict]:
+    """Inputs of 2..30 tokens; some carry trailing padding in their own lists."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        length = int(torch.randint(2, 31, (1,), generator=g))
+        ids = torch.randint(5, 100, (length,), generator=g).tolist()
+        mask = [1] * length
+        if k % 4 == 1:  # trailing padding inside the example itself
+            ids, mask = ids + [0] * 3, mask + [0] * 3
+        ex = {"input_ids": ids, "attention_mask": mask}
+        if token_types:
+            ex["token_type_ids"] = [0] * (length // 2) + [1] * (len(ids) - length // 2)
+        out.append(ex)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setups():
+    """kind -> (model, examples, one-pass logits [N, M, C])."""
+    out = {}
+    for kind in BACKBONES:
+        model = make_model(kind)
+        exs = make_examples(token_types=kind != "mpnet")
+        out[kind] = (model, exs, one_pass_logits(model, exs, batch_size=5))
+    return out
+
+
+def per_sample_layers(calls: list[tuple[int, list[int]]], n: int) -> list[list[int]]:
+    seen: dict[int, list[int]] = defaultdict(list)
+    for layer, idx in calls:
+        for k in idx:
+            seen[k].append(layer)
+    return [seen[k] for k in range(n)]
+
+
+@pytest.mark.parametrize("kind", list(BACKBONES))
+@pytest.mark.parametrize("signal", SIGNALS)
+def test_every_mode_reproduces_the_simulation(setups, kind, signal):
+    model, exs, logits = setups[kind]
+    m, n = model.num_layers, len(exs)
+    targets = (1.0, 1.7, 3.0) if signal != "patience" else (1.2, 2.5)
+    seen_exits = set()
+    for target in targets:
+        choice = pick_threshold(logits, signal, target)
+        assert choice.margin > 1e-5, "threshold too close to an observed signal value for a stable test"
+        sim = simulate_exits(logits, signal, [choice.threshold])[0]
+        preds = predictions_at_exit(logits, sim[None])[0]
+        seen_exits.update(sim.tolist())
+        engine = EarlyExitEngine(model, signal, choice.threshold)
+        runs = [("single", 1, False), ("batched", 3, False), ("batched", 8, True),
+                ("streaming", 3, False), ("streaming", 6, True)]
+        for mode, b, srt in runs:
+            calls: list[tuple[int, list[int]]] = []
+            out = engine.run(exs, mode, b, on_layer=lambda layer, idx, calls=calls: calls.append((layer, list(idx))),
+                             sort_by_length=srt)
+            label = f"{kind} {signal} target {target} {mode} b={b} sorted={srt}"
+            assert out.exit_layers.tolist() == sim.tolist(), label
+            assert out.predictions.tolist() == preds.tolist(), label
+            at_exit = logits[torch.arange(n), sim - 1]
+            torch.testing.assert_close(out.logits, at_exit, atol=1e-4, rtol=1e-4, msg=label)
+            # A sample runs exactly layers 1..its exit layer, each once, and never beyond.
+            assert per_sample_layers(calls, n) == [list(range(1, int(e) + 1)) for e in sim], label
+            assert sum(len(idx) for _, idx in calls) == int(sim.sum()), label
+            assert all(len(idx) <= b for _, idx in calls), label
+            assert out.speedup(m) == pytest.approx(speedup_ratio(sim, m))
+    assert len(seen_exits) > 1, "thresholds never produced more than one exit layer"
+
+
+def test_streaming_keeps_input_order_and_refills(setups):
+    model, exs, logits = setups["bert"]
+    choice = pick_threshold(logits, "entropy", 2.0)
+    engine = EarlyExitEngine(model, "entropy", choice.threshold)
+    calls: list[tuple[int, list[int]]] = []
+    out = engine.run(exs, "streaming", 4, on_layer=lambda layer, idx: calls.append((layer, list(idx))))
+    sim = simulate_exits(logits, "entropy", [choice.threshold])[0]
+    assert out.exit_layers.tolist() == sim.tolist()
+    # Each input's exit logits are its own (order kept, no mix-up between samples).
+    torch.testing.assert_close(out.logits, logits[torch.arange(len(exs)), sim - 1], atol=1e-4, rtol=1e-4)
+    # Refilling: new inputs enter layer 1 while earlier ones are still deeper in the model.
+    first_layer1_of = {}
+    for step, (layer, idx) in enumerate(calls):
+        for k in idx:
+            if layer == 1:
+                first_layer1_of[k] = step
+    deeper_steps = [s for s, (layer, _) in enumerate(calls) if layer > 1]
+    assert deeper_steps and min(deeper_steps) < max(first_layer1_of.values())
+    # Every step but the final drains runs a full batch.
+    sizes = [len(idx) for _, idx in calls]
+    assert sizes.count(4) >= len(sizes) - model.num_layers - 1
+
+
+def test_full_model_baseline(setups):
+    model, exs, logits = setups["albert"]
+    engine = EarlyExitEngine(model, "energy", 0.5)
+    for b, srt in ((1, False), (4, False), (4, True)):
+        calls: list[tuple[int, list[int]]] = []
+        out = engine.run_full(exs, b, on_layer=lambda layer, idx, calls=calls: calls.append((layer, list(idx))),
+                              sort_by_length=srt)
+        assert out.exit_layers.tolist() == [model.num_layers] * len(exs)
+        assert out.predictions.tolist() == logits[:, -1].argmax(-1).tolist()
+        torch.testing.assert_close(out.logits, logits[:, -1], atol=1e-4, rtol=1e-4)
+        assert per_sample_layers(calls, len(exs)) == [list(range(1, model.num_layers + 1))] * len(exs)
+
+
+def test_padded_batch_input_matches_list_input(setups):
+    model, exs, _ = setups["bert"]
+    items = prepare_examples(exs)
+    ids, mask, tt = collate(items)
+    padded = {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
+    again = prepare_examples(padded)
+    assert [len(e) for e in again] == [len(e) for e in items]
+    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.token_type_ids, b.token_type_ids)
+               for a, b in zip(again, items, strict=True))
+    engine = EarlyExitEngine(model, "softmax", 0.9)
+    for mode in MODES:
+        x, y = engine.run(padded, mode, 5), engine.run(exs, mode, 5)
+        assert torch.equal(x.exit_layers, y.exit_layers) and torch.equal(x.predictions, y.predictions)
+
+
+def test_pick_threshold_hits_the_target():
+    logits = torch.randn(400, 6, 2, generator=torch.Generator().manual_seed(3)) * 3
+    for signal in ("energy", "entropy", "softmax"):
+        for target in (1.5, 2.0, 3.0):
+            c = pick_threshold(logits, signal, target)
+            sim = simulate_exits(logits, signal, [c.threshold])[0]
+            assert c.layer_speedup == pytest.approx(speedup_ratio(sim, 6))
+            assert abs(c.layer_speedup - target) < 0.05 * target
+    c = pick_threshold(logits, "patience", 2.0)
+    assert c.threshold in (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def test_bad_input_is_one_clear_error(setups):
+    model, exs, _ = setups["bert"]
+    engine = EarlyExitEngine(model, "energy", 0.5)
+    with pytest.raises(EebenchError, match="unknown mode"):
+        engine.run(exs, "parallel")
+    with pytest.raises(EebenchError, match="batch size"):
+        engine.run(exs, "batched", 0)
+    with pytest.raises(EebenchError, match="no attended token"):
+        prepare_examples([{"input_ids": [1, 2], "attention_mask": [0, 0]}])
+    with pytest.raises(EebenchError, match="no inputs"):
+        prepare_examples([])
+
+
+def test_bench_returns_the_documented_keys(setups):
+    model, exs, _ = setups["bert"]
+    old = torch.get_num_threads()
+    res = bench(model, exs[:10], "energy", target_speedup=2.0, batch_size=4, repeats=1, warmup=0,
+                threads=1, overhead_inputs=2)
+    assert torch.get_num_threads() == old
+    json.dumps(res)  # plain JSON
+    for key in ("model", "signal", "num_layers", "num_inputs", "mean_tokens", "batch_size", "segment",
+                "sort_by_length", "threads", "repeats", "warmup", "device", "torch", "platform", "full",
+                "runs", "signal_overhead"):
+        assert key in res, key
+    assert res["threads"] == 1 and res["num_inputs"] == 10
+    spread = {"min", "median", "max"}
+    assert set(res["full"]) == {"single", "batched"}
+    assert set(res["full"]["single"]["latency_ms"]) == {"median", "p90", "p99"}
+    (run,) = res["runs"]
+    for key in ("threshold", "target_speedup", "layer_speedup", "exit_counts", "matches_simulation",
+                "single", "batched", "streaming", "wall_speedup", "wall_over_layer", "cpu_speedup"):
+        assert key in run, key
+    assert sum(run["exit_counts"]) == 10
+    for mode in MODES:
+        assert set(run[mode]["total_s"]) == spread and set(run["wall_speedup"][mode]) == spread
+        assert set(run["cpu_speedup"][mode]) == spread
+        assert run["matches_simulation"][mode] == {"exit_layers": 1.0, "predictions": 1.0}
+    assert set(res["signal_overhead"]) == {"layer_ms", "signal_ms", "fraction"}
+    text = format_bench(res)
+    assert "| streaming" in text and "signal overhead" in text
+
+    two = bench(model, exs[:6], "patience", thresholds=[1, 2], batch_size=3, repeats=1, warmup=0,
+                threads=1, overhead_inputs=1)
+    assert [r["threshold"] for r in two["runs"]] == [1.0, 2.0]
