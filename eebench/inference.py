@@ -152,8 +152,8 @@ class EarlyExitEngine:
         self.threshold = float(threshold)
         self.num_layers = model.num_layers
         self.num_labels = model.config.num_labels
-        # Compared in the scores' dtype (float32), exactly as simulate_exits does.
-        self._thr = torch.tensor(self.threshold, dtype=torch.float32, device=self.device)
+        # Compared in float64, exactly as eebench.exits.exit_layers_from_scores does.
+        self._thr = torch.tensor(self.threshold, dtype=torch.float64, device=self.device)
         self._adapter = model.adapter
         self._heads = model.heads
 
@@ -236,7 +236,7 @@ class EarlyExitEngine:
             scores = sig.score(history)[:, -1:]
         else:
             scores = sig.score(logits.unsqueeze(1))
-        return sig.meets(scores, self._thr), history
+        return sig.meets(scores.double(), self._thr), history
 
     def _state(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
         """What every layer needs for a batch of hidden states, as ``adapter.embed`` builds it."""
@@ -254,7 +254,7 @@ class EarlyExitEngine:
         for j, ex in enumerate(items):
             ids, mask, tt = _unbatched(ex)
             hidden, state = ad.embed(ids, mask, tt)
-            hmask = mask.to(hidden.dtype)  # converted once, not by every head
+            hmask = None  # one unpadded input: heads pool over every token
             history = None
             for i in range(m):
                 if on_layer is not None:
@@ -476,42 +476,49 @@ def _sync(device: torch.device) -> None:
 
 
 def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict:
-    """At batch size 1, time each internal layer and its head + signal + exit decision, summed
-    over ``examples`` and the internal layers (nobody exits: every layer is measured).
+    """At batch size 1, time each internal layer, its exit head (pooling + classifier) and the
+    signal + exit decision, summed over ``examples`` and the internal layers (nobody exits:
+    every layer is measured).
 
-    Returns ``layer_ms`` and ``signal_ms`` (mean per internal layer) and ``fraction``
-    (signal / layer), each as min / median / max over ``repeats``.
+    Returns ``layer_ms``, ``head_ms`` and ``signal_ms`` (mean per internal layer), ``fraction``
+    (signal / layer: the cost of deciding) and ``head_fraction`` ((head + signal) / layer:
+    everything early exit adds to a layer), each as min / median / max over ``repeats``.
     """
     items = engine._items(examples)
     ad, heads, m = engine._adapter, engine._heads, engine.num_layers
     clock, dev = time.perf_counter, engine.device
-    fr, lt, st = [], [], []
+    fr, hfr, lt, ht, st = [], [], [], [], []
     if m < 2:
-        return {"layer_ms": None, "signal_ms": None, "fraction": None}
+        return {"layer_ms": None, "head_ms": None, "signal_ms": None, "fraction": None, "head_fraction": None}
     with torch.inference_mode():
         for _ in range(max(1, repeats)):
-            t_layer = t_sig = 0.0
+            t_layer = t_head = t_sig = 0.0
             for ex in items:
                 ids, mask, tt = _unbatched(ex)
                 hidden, state = ad.embed(ids, mask, tt)
-                hmask = mask.to(hidden.dtype)
                 history = None
                 for i in range(m - 1):
                     t0 = clock()
                     hidden = ad.call_layer(i, hidden, state)
                     _sync(dev)
                     t1 = clock()
-                    logits = heads(i, hidden, hmask)
+                    logits = heads(i, hidden, None)
+                    _sync(dev)
+                    t2 = clock()
                     leave, history = engine._leave(logits, history)
                     leave.item()
-                    t2 = clock()
+                    t3 = clock()
                     t_layer += t1 - t0
-                    t_sig += t2 - t1
+                    t_head += t2 - t1
+                    t_sig += t3 - t2
             calls = len(items) * (m - 1)
             lt.append(1e3 * t_layer / calls)
+            ht.append(1e3 * t_head / calls)
             st.append(1e3 * t_sig / calls)
             fr.append(t_sig / t_layer)
-    return {"layer_ms": _spread(lt), "signal_ms": _spread(st), "fraction": _spread(fr)}
+            hfr.append((t_head + t_sig) / t_layer)
+    return {"layer_ms": _spread(lt), "head_ms": _spread(ht), "signal_ms": _spread(st), "fraction": _spread(fr),
+            "head_fraction": _spread(hfr)}
 
 
 def bench(
@@ -749,9 +756,11 @@ def format_bench(result: dict) -> str:
     if ov["fraction"] is not None:
         lines += [
             "",
-            f"signal overhead at batch 1 (head + signal + decision per layer): "
+            f"signal overhead at batch 1 (signal + exit decision per layer): "
             f"{100 * ov['fraction']['median']:.2f}% of a layer "
             f"({ov['signal_ms']['median'] * 1e3:.0f} us vs {ov['layer_ms']['median']:.3f} ms; "
-            f"range {100 * ov['fraction']['min']:.2f}-{100 * ov['fraction']['max']:.2f}%)",
+            f"range {100 * ov['fraction']['min']:.2f}-{100 * ov['fraction']['max']:.2f}%); "
+            f"with the exit head (pooling + classifier, {ov['head_ms']['median'] * 1e3:.0f} us): "
+            f"{100 * ov['head_fraction']['median']:.2f}%",
         ]
     return "\n".join(lines)

@@ -205,11 +205,14 @@ def select_state(state: dict, keep: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- heads
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """[N, L, H] token states -> [N, H]: [CLS] vector, or the mean over real (unpadded) tokens."""
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """[N, L, H] token states -> [N, H]: [CLS] vector, or the mean over real (unpadded) tokens
+    (``attention_mask`` None: every token is real)."""
     if how in ("cls", "pooler"):
         return hidden[:, 0]
     if how == "mean":
+        if attention_mask is None:  # no padding (e.g. batch size 1): a plain mean, fewer kernels
+            return hidden.mean(1)
         m = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
     raise EebenchError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")

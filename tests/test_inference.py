@@ -226,7 +226,7 @@ def test_bench_returns_the_documented_keys(setups):
         assert set(run[mode]["total_s"]) == spread and set(run["wall_speedup"][mode]) == spread
         assert set(run["cpu_speedup"][mode]) == spread
         assert run["matches_simulation"][mode] == {"exit_layers": 1.0, "predictions": 1.0}
-    assert set(res["signal_overhead"]) == {"layer_ms", "signal_ms", "fraction"}
+    assert set(res["signal_overhead"]) == {"layer_ms", "head_ms", "signal_ms", "fraction", "head_fraction"}
     text = format_bench(res)
     assert "| streaming" in text and "signal overhead" in text
 
