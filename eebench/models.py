@@ -95,6 +95,7 @@ class EncoderAdapter:
         self.model = model
         self.config = model.config
         self._embed_params = set(inspect.signature(model.embeddings.forward).parameters)
+        self._layer_list = self.layers()  # built once: call_layer runs on the hot path
 
     # Overridden per architecture -------------------------------------------------------
     def layers(self) -> list[nn.Module]:
@@ -107,7 +108,7 @@ class EncoderAdapter:
         return {}
 
     def call_layer(self, i: int, hidden: torch.Tensor, state: dict) -> torch.Tensor:
-        out = self.layers()[i](hidden, state.get("mask"))
+        out = self._layer_list[i](hidden, state.get("mask"))
         return out[0] if isinstance(out, tuple) else out
 
     @property
@@ -175,7 +176,7 @@ class MPNetAdapter(EncoderAdapter):
         return {"position_bias": self.model.encoder.compute_position_bias(hidden)}
 
     def call_layer(self, i, hidden, state):
-        return self.layers()[i](hidden, state.get("mask"), state["position_bias"])[0]
+        return self._layer_list[i](hidden, state.get("mask"), state["position_bias"])[0]
 
 
 ADAPTERS: dict[str, type[EncoderAdapter]] = {
@@ -335,48 +336,21 @@ class MultiExitModel(nn.Module):
             out.append(self.heads(i, hidden, attention_mask))
         return torch.stack(out, dim=1)
 
-    @torch.no_grad()
     def early_exit(self, input_ids, attention_mask, signal, threshold, token_type_ids=None, on_layer=None):
-        """True early exit: layer by layer, samples that exit leave the batch.
+        """True early exit on one padded batch: layer by layer, samples that exit leave the batch.
 
-        Returns (exit layers [N] 1-based, predictions [N], logits at exit [N, C]).
-        ``signal`` is a Signal; ``on_layer(layer, batch_size)`` is called before each layer runs
-        (used to count layer calls).
+        Returns (exit layers [N] 1-based, predictions [N], logits at exit [N, C]). A thin
+        wrapper over ``eebench.inference.EarlyExitEngine`` (batched mode); ``on_layer(layer,
+        indices)`` is called before each layer with the rows about to run it.
         """
-        n = input_ids.shape[0]
-        device = input_ids.device
-        exit_layer = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
-        exit_logits = torch.zeros(n, self.config.num_labels, device=device)
-        hidden, state = self.adapter.embed(input_ids, attention_mask, token_type_ids)
-        alive = torch.arange(n, device=device)
-        mask2d = attention_mask
-        history: list[torch.Tensor] = []  # per-layer logits of the alive samples (for patience)
-        for i in range(self.num_layers):
-            if on_layer is not None:
-                on_layer(i + 1, len(alive))
-            hidden = self.adapter.call_layer(i, hidden, state)
-            logits = self.heads(i, hidden, mask2d)
-            if i == self.num_layers - 1:
-                exit_logits[alive] = logits.float()
-                break
-            if signal.needs_history:
-                history.append(logits)
-                scores = signal.score(torch.stack(history, dim=1))[:, -1]
-            else:
-                scores = signal.score(logits.unsqueeze(1))[:, 0]
-            leave = signal.meets(scores.double(), float(threshold))
-            if leave.any():
-                idx = alive[leave]
-                exit_layer[idx] = i + 1
-                exit_logits[idx] = logits[leave].float()
-                stay = (~leave).nonzero().squeeze(1)
-                alive = alive[stay]
-                if len(alive) == 0:
-                    break
-                hidden, mask2d = hidden[stay], mask2d[stay]
-                state = select_state(state, stay)
-                history = [h[stay] for h in history]
-        return exit_layer, exit_logits.argmax(-1), exit_logits
+        from eebench.inference import EarlyExitEngine
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        engine = EarlyExitEngine(self, signal, threshold, device=input_ids.device)
+        out = engine.run(batch, mode="batched", batch_size=max(1, input_ids.shape[0]), on_layer=on_layer)
+        return out.exit_layers, out.predictions, out.logits
 
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:

@@ -162,6 +162,8 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
     out = []
     for e in exps:
         for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''"):
+            if run.data.tags.get("eebench_tune"):  # tune trials are not method results
+                continue
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:

@@ -71,6 +71,12 @@ class CellResult(BaseModel):
 def find_results(root: str | Path) -> list[CellResult]:
     """Every cell result under ``root`` (a results folder, a task folder or one cell)."""
     root = Path(root)
-    # A cell folder holds cell_config.json beside result.json (MLflow's artefact copies do not).
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("result.json") if (p.parent / "cell_config.json").exists())
+    # A cell folder holds cell_config.json beside result.json (MLflow's artefact copies do not);
+    # trials of `eebench tune` (under <output>/tune/) are hyper-parameter probes, not method
+    # results, and stay out of reports unless their own folder is given.
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("result.json") if (p.parent / "cell_config.json").exists()
+                       and "tune" not in p.relative_to(root).parts[:-2])
     return [CellResult.from_disk(f) for f in files]

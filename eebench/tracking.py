@@ -149,6 +149,7 @@ class Tracker:
                 for i in range(0, len(metrics), 500):
                     self.client.log_batch(run_id, metrics=metrics[i : i + 500])
             self.log_sweeps(run_id, result, cell_dir)
+            self.client.set_terminated(run_id, "FINISHED")
             return run_id
 
         return self._safe(log)

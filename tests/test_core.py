@@ -258,10 +258,10 @@ def test_early_exit_stops_computing():
     model = tiny_model("bert", pooling="cls", seed=1)
     ids, mask = padded_batch(8, 10)
     calls = []
-    el, _, _ = model.early_exit(ids, mask, get_signal("entropy"), 2.0, on_layer=lambda layer, b: calls.append((layer, b)))
+    el, _, _ = model.early_exit(ids, mask, get_signal("entropy"), 2.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
     assert el.tolist() == [1] * 8 and calls == [(1, 8)]  # every sample exits after layer 1
     calls.clear()
-    model.early_exit(ids, mask, get_signal("entropy"), -1.0, on_layer=lambda layer, b: calls.append((layer, b)))
+    model.early_exit(ids, mask, get_signal("entropy"), -1.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
     assert calls == [(m, 8) for m in range(1, 5)]
 
 
