@@ -284,6 +284,8 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: MultiExitConfig):
         super().__init__()
+        if config.pooling is None or config.final_pooling is None:
+            config = config.resolved()
         self.config = config
         self.backbone = backbone
         self.adapter = make_adapter(backbone)
@@ -292,7 +294,6 @@ class MultiExitModel(nn.Module):
         if not 1 <= k <= total:
             raise EebenchError(f"--num-layers {k} is outside 1..{total} for this backbone")
         self.num_layers = k
-        self._layers = self.adapter.layers()[:k]
         bc = backbone.config
         hidden = getattr(bc, "hidden_size", None) or bc.dim
         dropout = config.dropout
