@@ -1,3 +1,31 @@
 """eebench: a benchmark harness for early-exit transformer classifiers."""
 
 __version__ = "0.1.0"
+
+
+def _map_checkout_packages() -> None:
+    """In a source checkout, make ``methods/`` and ``tasks/`` importable as ``eebench.methods`` and
+    ``eebench.tasks``, as an installed wheel (or editable install) maps them. Without this, running
+    from the repository root with the package installed non-editable (tox, CI) would import this
+    folder, which has no ``methods`` sub-package."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("methods", "tasks"):
+        full = f"{__name__}.{name}"
+        init = root / name / "__init__.py"
+        if full in sys.modules or not init.exists():
+            continue
+        if importlib.machinery.PathFinder.find_spec(full, __path__) is not None:
+            continue  # an installed package carries it
+        spec = importlib.util.spec_from_file_location(full, init, submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+        globals()[name] = module
+
+
+_map_checkout_packages()
