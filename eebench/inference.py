@@ -227,16 +227,25 @@ class EarlyExitEngine:
             return examples
         return prepare_examples(examples, self.device)
 
-    def _leave(self, logits: torch.Tensor, history: torch.Tensor | None):
-        """Exit decisions, shape [n, 1], for one layer's logits [n, C]; also the updated history
-        (all layers' logits so far, for signals that need it; else None)."""
+    def _scores(self, logits: torch.Tensor, history: torch.Tensor | None):
+        """Signal values [n, 1] for one layer's logits [n, C]; also the updated history (all
+        layers' logits so far, for signals that need it; else None)."""
         sig = self.signal
         if sig.needs_history:
             history = logits.unsqueeze(1) if history is None else torch.cat([history, logits.unsqueeze(1)], 1)
-            scores = sig.score(history)[:, -1:]
-        else:
-            scores = sig.score(logits.unsqueeze(1))
-        return sig.meets(scores.double(), self._thr), history
+            return sig.score(history)[:, -1:], history
+        return sig.score(logits.unsqueeze(1)), history
+
+    def _leave(self, logits: torch.Tensor, history: torch.Tensor | None):
+        """Exit decisions [n, 1] (compared in float64, as the sweep does) and the history."""
+        scores, history = self._scores(logits, history)
+        return self.signal.meets(scores.double(), self._thr), history
+
+    def _leave_one(self, logits: torch.Tensor, history: torch.Tensor | None):
+        """Batch size 1: the decision as a Python bool. The score is read once and compared as a
+        Python float (float64), which is exactly the tensor comparison with fewer kernels."""
+        scores, history = self._scores(logits, history)
+        return bool(self.signal.meets(float(scores), self.threshold)), history
 
     def _state(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
         """What every layer needs for a batch of hidden states, as ``adapter.embed`` builds it."""
@@ -263,8 +272,8 @@ class EarlyExitEngine:
                 logits = heads(i, hidden, hmask)
                 if i == m - 1:
                     break
-                leave, history = self._leave(logits, history)
-                if leave.item():
+                leave, history = self._leave_one(logits, history)
+                if leave:
                     break
             layers.append(i + 1)
             logits_out.append(logits)
@@ -505,8 +514,7 @@ def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict
                     logits = heads(i, hidden, None)
                     _sync(dev)
                     t2 = clock()
-                    leave, history = engine._leave(logits, history)
-                    leave.item()
+                    _, history = engine._leave_one(logits, history)
                     t3 = clock()
                     t_layer += t1 - t0
                     t_head += t2 - t1

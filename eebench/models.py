@@ -250,7 +250,7 @@ class ExitHeads(nn.Module):
         x = pool(hidden, attention_mask, how)
         if how == "pooler":
             x = torch.tanh(self.pooler(x))
-        return self.classifiers[layer](self.dropout(x))
+        return self.classifiers[layer](self.dropout(x) if self.training else x)
 
 
 # --------------------------------------------------------------------------- the model

@@ -71,8 +71,9 @@ class Entropy(Signal):
     name = "entropy"
 
     def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(layer_logits.float(), dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)
+        # entr(p) = -p log p, 0 at p = 0: finite for logits of any size, and few kernels (this
+        # runs after every layer of true early exit).
+        ent = torch.special.entr(torch.softmax(layer_logits.float(), dim=-1)).sum(-1)
         return ent / math.log(layer_logits.shape[-1])
 
 
