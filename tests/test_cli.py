@@ -248,3 +248,16 @@ def test_real_mlflow_server(tmp_path, tiny_backbone_dir, toy_task):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_bench_command_records_wall_clock(finished_run, capsys):
+    finished_run, _ = finished_run
+    cell = next(p.parent for p in finished_run.rglob("result.json") if "vanilla-s1" in str(p))
+    assert main(["bench", str(cell), "--signal", "entropy", "--target-speedup", "1.5", "--repeats", "1",
+                 "--samples", "16", "--batch-size", "4", "--threads", "1"]) == 0
+    assert "wall speed-up" in capsys.readouterr().out
+    (b,) = json.loads((cell / "result.json").read_text())["bench"]
+    assert b["signal"] == "entropy" and b["num_inputs"] == 16
+    assert all(v["exit_layers"] == 1.0 and v["predictions"] == 1.0 for v in b["runs"][0]["matches_simulation"].values())
+    assert main(["bench", str(finished_run), "--no-mlflow"]) == 2
+    assert "is not a finished eebench cell" in capsys.readouterr().err
