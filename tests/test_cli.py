@@ -261,3 +261,18 @@ def test_bench_command_records_wall_clock(finished_run, capsys):
     assert all(v["exit_layers"] == 1.0 and v["predictions"] == 1.0 for v in b["runs"][0]["matches_simulation"].values())
     assert main(["bench", str(finished_run), "--no-mlflow"]) == 2
     assert "is not a finished eebench cell" in capsys.readouterr().err
+
+
+def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_dir, toy_task):
+    """final-only is the 1.00x row; with --num-layers K it is the budget row at M / K."""
+    out = tmp_path / "runs"
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "final-only", "--signals", "entropy",
+                          "--no-mlflow")) == 0
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "final-only", "--signals", "entropy",
+                          "--num-layers", "2", "--no-mlflow")) == 0
+    by_layers = {r.model["num_layers"]: r for r in find_results(out)}
+    for k, speedup in ((4, 1.0), (2, 2.0)):
+        (point,) = by_layers[k].sweeps["entropy"].points
+        assert point["speedup"] == pytest.approx(speedup)
+        assert point["exit_counts"][-1] == 48  # every input leaves at the last kept layer
+        assert point["accuracy"] == pytest.approx(by_layers[k].layers[-1]["accuracy"])
