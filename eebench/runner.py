@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -124,9 +125,10 @@ def validate(cfg: RunConfig):
     out = Path(cfg.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".eebench-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of its own (not a fixed name): cells validating the same folder at once on Ray
+        # must not delete each other's probe.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".eebench-write-test-"):
+            pass
     except OSError as e:
         raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
     return spec
