@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from eebench.errors import EebenchError
-from eebench.exits import Sweep, sweep
+from eebench.exits import Sweep, predictions_at_exit, sweep
 from eebench.models import MultiExitConfig, MultiExitModel, _atomic, resolve_model
 from eebench.results import CellResult, SignalSweep
 from eebench.signals import get_signal
@@ -252,11 +252,14 @@ class Runner:
         tr = trainer.train(train_ds, dev_ds, resume=resuming)
         t_train = time.perf_counter() - t0
         model.save(d / "model")
-        t0 = time.perf_counter()
         from eebench.training import collect_logits, layer_metrics
 
-        logits, labels = collect_logits(model, dev_ds, tok, tcfg.eval_batch_size, trainer.device)
-        t_eval = time.perf_counter() - t0
+        if trainer.last_dev is not None:  # the last epoch's evaluation ran on these final weights
+            logits, labels, t_eval = trainer.last_dev
+        else:  # resumed after the last epoch had finished: nothing was evaluated in this process
+            t0 = time.perf_counter()
+            logits, labels = collect_logits(model, dev_ds, tok, tcfg.eval_batch_size, trainer.device)
+            t_eval = time.perf_counter() - t0
         from safetensors.torch import save_file
 
         _atomic(d / "dev_logits.safetensors", lambda p: save_file({"logits": logits, "labels": labels}, p))
@@ -348,7 +351,7 @@ class Runner:
                 el[batch["index"]] = e.cpu()
                 pred[batch["index"]] = p.cpu()
             sim_el = sw.exit_layers[i]
-            sim_pred = logits.argmax(-1).T.gather(0, (sim_el - 1).unsqueeze(0))[0]
+            sim_pred = predictions_at_exit(logits, sim_el.unsqueeze(0))[0]
             out.append({"threshold": thr, "layer_speedup": float(sw.speedups[i]),
                         "exit_mismatches": int((el != sim_el).sum()), "prediction_mismatches": int((pred != sim_pred).sum()),
                         "n": len(dev_ds)})

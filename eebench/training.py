@@ -123,6 +123,7 @@ class Trainer:
         self.tokenizer, self.spec = tokenizer, spec
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_epoch = on_epoch
+        self.last_dev: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self.device = pick_device(cfg.device)
         if cfg.precision not in ("fp32", "bf16", "fp16"):
             raise EebenchError(f"unknown precision {cfg.precision!r}; known: fp32, bf16, fp16")
@@ -228,7 +229,11 @@ class Trainer:
         return result
 
     def evaluate(self, dev_ds) -> list[dict]:
+        """Per-layer dev metrics; the logits and the time of that forward pass are kept in
+        ``last_dev`` = (logits, labels, seconds) so that the caller need not run it again."""
+        t0 = time.perf_counter()
         logits, labels = collect_logits(self.model, dev_ds, self.tokenizer, self.cfg.eval_batch_size, self.device)
+        self.last_dev = (logits, labels, time.perf_counter() - t0)
         return layer_metrics(logits, labels, self.spec.metrics)
 
     # -- checkpoints ------------------------------------------------------------------------
