@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+#: Version of the maths behind a result (signals, exit rule, speed-up, losses, sweeps, training
+#: loop). It is part of every cell's identity: bump it in any change that alters the numbers a
+#: given configuration produces, so that no cell trained by the older code is reused.
+MATHS_VERSION = 1
+
 
 def _map_checkout_packages() -> None:
     """In a source checkout, make ``methods/`` and ``tasks/`` importable as ``eebench.methods`` and

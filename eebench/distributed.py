@@ -205,7 +205,9 @@ def _needs_work(runner, method: str, seed: int, h: str) -> bool:
     p = runner.cell_dir(method, seed, h) / "result.json"
     if not p.exists():
         return True
-    return bool(set(runner.cfg.signals) - set(CellResult.from_disk(p).sweeps))
+    from eebench.runner import signals_to_sweep
+
+    return bool(signals_to_sweep(CellResult.from_disk(p), runner.cfg.signals, runner.cfg.num_thresholds))
 
 
 def _cell_task(cfg_data: dict, method: str, seed: int, cc: dict, h: str, ctx: dict, cpus: float,

@@ -24,6 +24,8 @@ def exit_layers_from_scores(scores: torch.Tensor, signal: Signal, thresholds) ->
     scores = scores.double()
     thr = torch.as_tensor(thresholds, dtype=torch.float64, device=scores.device).reshape(-1, 1, 1)
     m = scores.shape[-1]
+    if m == 1:  # no internal exit (a 1-layer model): every sample leaves at its only layer
+        return torch.ones(thr.shape[0], scores.shape[0], dtype=torch.long, device=scores.device)
     meets = signal.meets(scores[None, :, : m - 1], thr)  # [T, N, M-1]
     first = meets.to(torch.uint8).argmax(-1)  # first True (argmax returns the first maximum)
     return torch.where(meets.any(-1), first + 1, torch.full_like(first, m))

@@ -10,6 +10,7 @@ import pandas as pd
 
 from eebench.errors import EebenchError
 from eebench.exits import metric_at_speedup
+from eebench.grouping import group_cells
 from eebench.results import CellResult, SignalSweep, find_results
 
 ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
@@ -74,34 +75,38 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
 
 
 def _mean_std(xs: list[float]) -> str:
+    """Mean ± sample std (x100) with the number of seeds behind it; "n/a" when none has a value."""
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "n/a"
     m = sum(xs) / len(xs)
     if len(xs) == 1:
-        return f"{100 * m:.1f}"
+        return f"{100 * m:.1f} (n=1)"
     sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{100 * m:.1f} ± {100 * sd:.1f}"
+    return f"{100 * m:.1f} ± {100 * sd:.1f} (n={len(xs)})"
 
 
-def _label(r: CellResult) -> str:
-    return r.method
+def _at(sw: SignalSweep, metric: str, target: float) -> float:
+    return metric_at_speedup([p["speedup"] for p in sw.points], [p[metric] for p in sw.points], target)
 
 
 def main_table(results: list[CellResult], speedup: float) -> pd.DataFrame:
-    """Task metric (x100) at a matched speed-up, per training method x exit signal, mean ± std over seeds."""
+    """Task metric (x100) at a matched speed-up, per configuration (``group_cells``) x exit signal,
+    mean ± std over seeds with their number."""
     cells: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        metric = r.config["main_metric"]
-        for s, sw in r.sweeps.items():
-            target = speedup if r.method != "final-only" else 0.0
-            v = metric_at_speedup([p["speedup"] for p in sw.points], [p[metric] for p in sw.points], target)
-            cells.setdefault((_label(r), s), []).append(v)
+    labels = []
+    for g in group_cells(results):
+        labels.append(g.label)
+        for r in g.cells:
+            metric = r.config["main_metric"]
+            for s, sw in r.sweeps.items():
+                target = speedup if r.method != "final-only" else 0.0
+                cells.setdefault((g.label, s), []).append(_at(sw, metric, target))
     if not cells:
         raise EebenchError("no sweeps in these results; run `eebench run` or `eebench sweep` first")
-    methods = sorted({k[0] for k in cells}, key=_method_order)
+    rows = [lbl for lbl in labels if any(k[0] == lbl for k in cells)]
     signals = sorted({k[1] for k in cells})
-    df = pd.DataFrame({s: [_mean_std(cells.get((m, s), [])) for m in methods] for s in signals}, index=methods)
+    df = pd.DataFrame({s: [_mean_std(cells.get((m, s), [])) for m in rows] for s in signals}, index=rows)
     df.index.name = "method \\ exit signal"
     return df
 
@@ -112,31 +117,31 @@ def _method_order(m: str) -> tuple[int, str]:
 
 
 def ablation_table(results: list[CellResult], signal: str = "energy", speedups=(1.5, 2.0, 3.0, 4.0)) -> pd.DataFrame:
-    """COSEE, its two ablations and the conventional method at several speed-ups (one signal)."""
+    """COSEE, its two ablations and the conventional method at several speed-ups (one signal),
+    one row per configuration."""
     rows = {}
     for m in ABLATION:
-        rs = [r for r in results if r.method == m and signal in r.sweeps]
-        if not rs:
-            continue
-        metric = rs[0].config["main_metric"]
-        rows[m] = [_mean_std([metric_at_speedup([p["speedup"] for p in r.sweeps[signal].points],
-                                                [p[metric] for p in r.sweeps[signal].points], x) for r in rs])
-                   for x in speedups]
+        for g in group_cells(results):
+            rs = [r for r in g.cells if signal in r.sweeps]
+            if g.method != m or not rs:
+                continue
+            metric = rs[0].config["main_metric"]
+            rows[g.label] = [_mean_std([_at(r.sweeps[signal], metric, x) for r in rs]) for x in speedups]
     df = pd.DataFrame.from_dict(rows, orient="index", columns=[f"{x:g}x" for x in speedups])
     df.index.name = f"method ({signal})"
     return df
 
 
 def layer_table(results: list[CellResult]) -> pd.DataFrame:
-    """Dev score (x100) of every exit classifier, per method (mean over seeds)."""
+    """Dev score (x100) of every exit classifier, per configuration (mean ± std over seeds, n)."""
     rows = {}
-    for m in sorted({r.method for r in results}, key=_method_order):
-        rs = [r for r in results if r.method == m]
+    for g in group_cells(results):
+        rs = g.cells
         metric = rs[0].config["main_metric"]
         n = len(rs[0].layers)
-        rows[f"{m} ({rs[0].model.get('pooling')})"] = [
-            _mean_std([r.layers[i][metric] for r in rs if len(r.layers) == n]) for i in range(n)]
+        rows[g.label] = [_mean_std([r.layers[i][metric] for r in rs if len(r.layers) == n]) for i in range(n)]
     n = max(len(v) for v in rows.values())
+    rows = {k: v + [""] * (n - len(v)) for k, v in rows.items()}
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
 
 
@@ -207,10 +212,11 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 _atomic(p, lambda f, t=rendered: Path(f).write_text(t + "\n"))
         if out_dir:
             curves = {}
-            for r in sorted(rs, key=lambda r: (_method_order(r.method), r.seed)):
-                for s, sw in sorted(r.sweeps.items()):
-                    lbl = f"{r.method} / {s}" + (f" / s{r.seed}" if len(seeds) > 1 else "")
-                    curves[lbl] = sw
+            for g in group_cells(rs):
+                for r in sorted(g.cells, key=lambda r: r.seed):
+                    for s, sw in sorted(r.sweeps.items()):
+                        lbl = f"{g.label.replace('/', '|')} / {s}" + (f" / s{r.seed}" if len(g.cells) > 1 else "")
+                        curves[lbl] = sw
             png = plot_pareto(curves, Path(out_dir) / task / "pareto.png",
                               title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling", metric=metric)
             text.append(f"\nPareto plot: {png}")

@@ -34,6 +34,7 @@ class SignalSweep(BaseModel):
     points: list[dict[str, Any]]  # threshold, speedup, exit_counts, metrics, rates, pareto
     summary: dict[str, float | None]  # <metric>_at_<x>x (None: speed-up not reached), auc, best
     confirm: list[dict[str, Any]] = Field(default_factory=list)  # true early exit vs simulation
+    num_thresholds: int | None = None  # the grid size asked for (None: a result from before it was recorded)
 
 
 class CellResult(BaseModel):
@@ -52,6 +53,10 @@ class CellResult(BaseModel):
     layers: list[dict[str, float]]  # per-layer dev metrics of the final model
     sweeps: dict[str, SignalSweep] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    #: Whether true layer-by-layer early exit reproduced the simulated exits and predictions at
+    #: every confirmed threshold of every signal (None: nothing was confirmed). False comes with
+    #: a warning naming the signal and the counts.
+    early_exit_exact: bool | None = None
     bench: list[dict[str, Any]] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     mlflow_run_id: str | None = None

@@ -80,32 +80,90 @@ class RunConfig(BaseModel):
         return [v] if isinstance(v, int) else v
 
 
-def cell_config(cfg: RunConfig, method: str, seed: int, spec, method_params: dict) -> dict[str, Any]:
-    """The full config of one cell: everything that changes its trained weights."""
-    return {
+#: RunConfig keys left out of a cell's identity, and why: what is run (the lists; one cell is one
+#: method and one seed), where it runs and is logged (device: the same experiment on other
+#: hardware; checkpoint_every: resuming is bit for bit), what is swept afterwards from the cached
+#: logits (a sweep is redone when its grid changes), and data_dir (the data's fingerprints stand
+#: for the data wherever it was read from). Every other key, present or future, is identity.
+NOT_IDENTITY = frozenset({
+    "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
+    "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress",
+})
+
+
+def resolve_model_settings(cfg: RunConfig, num_labels: int) -> dict[str, Any]:
+    """The model settings a cell really uses: pooling and final pooling (the backbone's
+    recommendation when not given), the number of kept layers K and the backbone's depth."""
+    from transformers import AutoConfig
+
+    mcfg = MultiExitConfig(model=cfg.model, num_labels=num_labels, pooling=cfg.pooling,
+                           final_pooling=cfg.final_pooling, num_layers=cfg.num_layers).resolved()
+    path, _ = resolve_model(cfg.model)
+    try:
+        total = int(AutoConfig.from_pretrained(path).num_hidden_layers)
+    except (OSError, ValueError) as e:
+        raise EebenchError(f"cannot load model {cfg.model!r} ({path}): {str(e).splitlines()[0]}") from None
+    k = total if cfg.num_layers is None else cfg.num_layers
+    if not 1 <= k <= total:
+        raise EebenchError(f"--num-layers {k} is outside 1..{total} for model {cfg.model!r}")
+    return {"pooling": mcfg.pooling, "final_pooling": mcfg.final_pooling, "num_layers": k, "backbone_layers": total}
+
+
+def cell_config(cfg: RunConfig, method: str, seed: int, spec, method_params: dict, model_settings: dict,
+                data_info: dict) -> dict[str, Any]:
+    """A cell's identity: everything that changes its numbers, fully resolved.
+
+    The run config with every default filled in (less ``NOT_IDENTITY``), the method's resolved
+    hyper-parameters, the model's resolved pooling / head lr / micro-batch / layers, the task's
+    metrics, the train and dev data fingerprints and eebench's ``MATHS_VERSION``. Two cells share
+    an identity exactly when they would produce the same numbers."""
+    from eebench import MATHS_VERSION
+
+    ident = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IDENTITY}
+    ident.update({
+        "maths_version": MATHS_VERSION,
         "task": spec.name,
-        "model": cfg.model,
         "method": method,
-        "method_params": method_params,
+        "method_params": dict(sorted(method_params.items())),
         "seed": seed,
-        "train_samples": cfg.train_samples,
-        "train_subset": cfg.train_subset,
-        "max_seq_length": cfg.max_seq_length,
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "head_lr": cfg.head_lr,
-        "batch_size": cfg.batch_size,
-        "pooling": cfg.pooling,
-        "final_pooling": cfg.final_pooling,
-        "num_layers": cfg.num_layers,
-        "precision": cfg.precision,
+        "head_lr": cfg.lr if cfg.head_lr is None else cfg.head_lr,
+        "micro_batch_size": cfg.micro_batch_size or cfg.batch_size,
+        **model_settings,
         "main_metric": spec.main_metric,
         "metrics": list(spec.metrics),
-    }
+        "train_split": spec.train_split,
+        "eval_split": spec.eval_split,
+        "train_fingerprint": data_info["train_fingerprint"],
+        "dev_fingerprint": data_info["dev_fingerprint"],
+        "train_rows": data_info["train_rows"],
+        "dev_rows": data_info["dev_rows"],
+    })
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))  # as it reads back from JSON
 
 
 def cell_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_identity(d: Path, stored: dict, expected: dict) -> None:
+    """Refuse to reuse a cell folder whose recorded identity is not ``expected``."""
+    if stored == expected:
+        return
+    keys = sorted(k for k in set(stored) | set(expected) if stored.get(k, "<absent>") != expected.get(k, "<absent>"))
+    raise EebenchError(f"cell folder {d} holds a cell of another configuration (differs in {', '.join(keys)}); "
+                       "it is not reused: move or delete that folder and run again")
+
+
+def signals_to_sweep(result: CellResult, signals: list[str], num_thresholds: int) -> list[str]:
+    """Signals a finished cell lacks, or has swept with another threshold grid (a legacy sweep
+    that did not record its grid is kept)."""
+    out = []
+    for s in signals:
+        sw = result.sweeps.get(s)
+        if sw is None or (sw.num_thresholds is not None and sw.num_thresholds != num_thresholds
+                          and result.method != "final-only"):
+            out.append(s)
+    return out
 
 
 def validate(cfg: RunConfig):
@@ -156,22 +214,17 @@ class Runner:
         uri = cfg.tracking_uri or default_tracking_uri(cfg.output)
         self.tracker = Tracker(uri, cfg.output, enabled=not cfg.no_mlflow)
         self._data = None
+        self._raw = None
+        self._cells = None
         #: Called as hook(model, epoch, history_entry) after every training epoch (Ray Tune reports here).
         self.epoch_hook = None
 
     # -- data ----------------------------------------------------------------------------
-    def data(self):
-        """Tokenised train / dev splits and the tokenizer (loaded once per run)."""
-        if self._data is None:
-            from transformers import AutoTokenizer
+    def raw_data(self):
+        """Untokenised train / dev rows (the configured subsets) and their fingerprints, loaded once."""
+        if self._raw is None:
+            from eebench.data import data_fingerprint, load_task, subset
 
-            from eebench.data import data_fingerprint, load_task, subset, tokenize
-
-            path, _ = resolve_model(self.cfg.model)
-            try:
-                tok = AutoTokenizer.from_pretrained(path)
-            except OSError as e:
-                raise EebenchError(f"cannot load the tokenizer of model {self.cfg.model!r}: {str(e).splitlines()[0]}") from None
             train_raw = load_task(self.cfg.task, self.spec.train_split, data_dir=self.cfg.data_dir)
             dev_raw = load_task(self.cfg.task, self.spec.eval_split, data_dir=self.cfg.data_dir)
             if self.cfg.train_subset == "first" and self.cfg.train_samples is not None:
@@ -181,21 +234,47 @@ class Runner:
             dev_raw = subset(dev_raw, self.cfg.eval_samples, seed=0)
             info = {"task_source": str(self.cfg.task), "train_rows": len(train_raw), "dev_rows": len(dev_raw), "train_fingerprint": data_fingerprint(train_raw),
                     "dev_fingerprint": data_fingerprint(dev_raw), "eval_split": self.spec.eval_split}
+            self._raw = (train_raw, dev_raw, info)
+        return self._raw
+
+    def data(self):
+        """Tokenised train / dev splits and the tokenizer (loaded once per run)."""
+        if self._data is None:
+            from transformers import AutoTokenizer
+
+            from eebench.data import tokenize
+
+            path, _ = resolve_model(self.cfg.model)
+            try:
+                tok = AutoTokenizer.from_pretrained(path)
+            except OSError as e:
+                raise EebenchError(f"cannot load the tokenizer of model {self.cfg.model!r}: {str(e).splitlines()[0]}") from None
+            train_raw, dev_raw, info = self.raw_data()
             self._data = (tokenize(train_raw, tok, self.spec, self.cfg.max_seq_length),
                           tokenize(dev_raw, tok, self.spec, self.cfg.max_seq_length), tok, info)
         return self._data
 
     # -- cells ---------------------------------------------------------------------------
     def cells(self) -> list[tuple[str, int, dict, str]]:
-        out = []
-        for method in self.cfg.methods:
-            from eebench.strategy import get_method
+        """(method, seed, identity, hash) of every cell; resolves the model and loads the data once."""
+        if self._cells is None:
+            from eebench.strategy import build_strategy
 
-            params = {**get_method(method).defaults, **self.cfg.method_params.get(method, {})}
-            for seed in self.cfg.seeds:
-                cc = cell_config(self.cfg, method, seed, self.spec, params)
-                out.append((method, seed, cc, cell_hash(cc)))
-        return out
+            model_settings = resolve_model_settings(self.cfg, self.spec.num_labels)
+            info = self.raw_data()[2]
+            out = []
+            for method in self.cfg.methods:
+                strategy = build_strategy(method, self.cfg.method_params.get(method))
+                if model_settings["num_layers"] == 1 and strategy.trains_exits:
+                    raise EebenchError(
+                        f"method {method!r} trains early exits, but the model keeps 1 layer (M = 1), so there is no "
+                        "internal exit to train or sweep; keep at least 2 layers, or use --methods final-only for a "
+                        "1-layer budget row")
+                for seed in self.cfg.seeds:
+                    cc = cell_config(self.cfg, method, seed, self.spec, strategy.hparams, model_settings, info)
+                    out.append((method, seed, cc, cell_hash(cc)))
+            self._cells = out
+        return self._cells
 
     def run(self) -> list[CellResult]:
         run_id = cell_hash({"cells": [c[3] for c in self.cells()], "signals": self.cfg.signals})
@@ -217,7 +296,8 @@ class Runner:
         result_path = d / "result.json"
         if result_path.exists():
             result = CellResult.from_disk(result_path)
-            missing = [s for s in self.cfg.signals if s not in result.sweeps]
+            check_identity(d, result.config, cc)
+            missing = signals_to_sweep(result, self.cfg.signals, self.cfg.num_thresholds)
             print(f"[{method} seed {seed}] finished earlier ({d.name}); "
                   + (f"sweeping {', '.join(missing)}" if missing else "nothing to do"), flush=True)
             if missing:
@@ -225,6 +305,8 @@ class Runner:
                 result.mlflow_run_id = self.tracker.log_cell(result, parent, d) or result.mlflow_run_id
                 result.to_disk(result_path)
             return result
+        if (d / "cell_config.json").exists():  # unfinished: resume only the same configuration
+            check_identity(d, json.loads((d / "cell_config.json").read_text()), cc)
         return self.train_cell(method, seed, cc, h, d, parent)
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
@@ -233,6 +315,10 @@ class Runner:
 
         cfg = self.cfg
         train_ds, dev_ds, tok, info = self.data()
+        for k in ("train_fingerprint", "dev_fingerprint"):
+            if cc.get(k) != info[k]:  # e.g. a Ray worker that reads other files than the driver did
+                raise EebenchError(f"the {k.split('_')[0]} data read here ({info[k][:12]}) is not the data this cell "
+                                   f"was planned with ({str(cc.get(k))[:12]}); check --data-dir / GLUE_DIR on every node")
         d.mkdir(parents=True, exist_ok=True)
         _atomic(d / "cell_config.json", lambda p: Path(p).write_text(json.dumps(cc, indent=1)))
         strategy = build_strategy(method, cfg.method_params.get(method))
@@ -319,8 +405,10 @@ class Runner:
             confirm = []
             if trains_exits and self.cfg.confirm_thresholds:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
-            result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summarize(sw, scale), confirm=confirm)
+            result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summarize(sw, scale), confirm=confirm,
+                                           num_thresholds=self.cfg.num_thresholds)
             result.timings[f"sweep_{s}_s"] = t_sweep
+        record_exactness(result)
 
     def confirm(self, d: Path, sw: Sweep, logits, signal: str, model, dev_ds, tok) -> list[dict]:
         """True layer-by-layer inference at a few thresholds must match the simulation."""
@@ -356,6 +444,28 @@ class Runner:
                         "exit_mismatches": int((el != sim_el).sum()), "prediction_mismatches": int((pred != sim_pred).sum()),
                         "n": len(dev_ds)})
         return out
+
+
+def record_exactness(result: CellResult) -> None:
+    """Set ``result.early_exit_exact`` from the sweeps' confirmations; a mismatch is printed as a
+    warning and kept in ``result.warnings`` (one line per signal), never only counted."""
+    checked = [(s, c) for s, sw in result.sweeps.items() for c in sw.confirm]
+    if not checked:
+        return
+    bad: dict[str, list[dict]] = {}
+    for s, c in checked:
+        if c["exit_mismatches"] or c["prediction_mismatches"]:
+            bad.setdefault(s, []).append(c)
+    result.early_exit_exact = not bad
+    prefix = "true early exit disagrees with the simulation"
+    result.warnings = [w for w in result.warnings if not w.startswith(prefix)]
+    for s, cs in bad.items():
+        detail = "; ".join(f"threshold {c['threshold']:.6g}: {c['exit_mismatches']} exit layer(s) and "
+                           f"{c['prediction_mismatches']} prediction(s) of {c['n']} differ" for c in cs)
+        w = (f"{prefix} for signal {s} ({detail}); the simulated sweep of {s} is not exactly what deployed "
+             "early exit gives")
+        print(f"warning: [{result.method} seed {result.seed}] {w}", flush=True)
+        result.warnings.append(w)
 
 
 def _print_cell(r: CellResult) -> None:

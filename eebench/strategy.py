@@ -86,8 +86,61 @@ def build_strategy(name: str, overrides: dict[str, Any] | None = None) -> Strate
             raise EebenchError(
                 f"method {name!r} has no hyper-parameter {k!r}; its hyper-parameters: {', '.join(sorted(params)) or 'none'}"
             )
-        params[k] = type(params[k])(v) if params[k] is not None and not isinstance(v, type(params[k])) else v
+        params[k] = coerce_hparam(name, k, v, params[k])
     return spec.cls(name=name, **params)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce_hparam(method: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the hyper-parameter's default, or one clear error.
+
+    Booleans take True / False (or the strings true/false, yes/no, on/off, 1/0: ``"false"`` is
+    False, never ``bool("false")``); integers take whole numbers; floats take numbers; strings take
+    strings. Nothing is truncated or guessed (``0.5`` is not an integer)."""
+    if default is None:
+        return value
+    kind = type(default)
+
+    def bad() -> EebenchError:
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        return EebenchError(f"{method}.{key}={value!r} is not {names.get(kind, kind.__name__)} "
+                            f"(its default is {default!r})")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    if isinstance(value, bool):  # True is an int in Python; never a number here
+        raise bad()
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if kind is float:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    return value
 
 
 @dataclass

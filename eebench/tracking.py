@@ -149,6 +149,8 @@ class Tracker:
                 for i in range(0, len(metrics), 500):
                     self.client.log_batch(run_id, metrics=metrics[i : i + 500])
             self.log_sweeps(run_id, result, cell_dir)
+            if result.early_exit_exact is not None:  # a mismatch must show in the UI, not only in a count
+                self.client.set_tag(run_id, "eebench_early_exit_exact", str(result.early_exit_exact).lower())
             self.client.set_terminated(run_id, "FINISHED")
             return run_id
 
@@ -171,6 +173,9 @@ class Tracker:
                             metric=result.config.get("main_metric", "accuracy"))
                 self.client.log_artifact(run_id, str(png), "plots")
                 metrics += [Metric(f"{signal}_{k}", float(v), ts, 0) for k, v in sw.summary.items() if v is not None]
+                if sw.confirm:
+                    mism = sum(c["exit_mismatches"] + c["prediction_mismatches"] for c in sw.confirm)
+                    metrics.append(Metric(f"{signal}_early_exit_mismatches", float(mism), ts, 0))
             res = Path(tmp) / "result.json"
             res.write_text(result.model_dump_json(indent=1))
             self.client.log_artifact(run_id, str(res))
