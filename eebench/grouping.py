@@ -72,6 +72,28 @@ def _show(k: str, v: Any) -> str:
     return f"{k}={v}"
 
 
+_NONE = object()
+
+
+def _j(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _reference(key: str, values: list[Any]) -> Any:
+    """The value of ``key`` a row's label need not name: eebench's default when some row uses it,
+    else the value most rows share (none when that is a tie: then every row names its value)."""
+    from eebench.runner import RunConfig
+
+    seen = [_j(v) for v in values]
+    field_ = RunConfig.model_fields.get(key)
+    if field_ is not None and field_.default_factory is None and _j(field_.default) in seen:
+        return _j(field_.default)
+    counts = sorted(((seen.count(v), v) for v in set(seen)), reverse=True)
+    if len(counts) > 1 and counts[0][0] == counts[1][0]:
+        return _NONE
+    return counts[0][1]
+
+
 def _method_defaults(method: str) -> dict[str, Any] | None:
     from eebench.strategy import get_method
 
@@ -85,7 +107,8 @@ def _labels(groups: list[CellGroup]) -> None:
     idents = [g.identity for g in groups]
     keys = sorted({k for i in idents for k in i} - _NOT_LABELLED,
                   key=lambda k: (_LABEL_ORDER.index(k) if k in _LABEL_ORDER else len(_LABEL_ORDER), k))
-    varying = [k for k in keys if len({json.dumps(i.get(k), sort_keys=True, default=str) for i in idents}) > 1]
+    varying = [k for k in keys if len({_j(i.get(k)) for i in idents}) > 1]
+    reference = {k: _reference(k, [i.get(k) for i in idents]) for k in varying}
     params_by_method: dict[str, list[dict]] = {}
     for i in idents:
         params_by_method.setdefault(str(i.get("method")), []).append(i.get("method_params") or {})
@@ -105,6 +128,8 @@ def _labels(groups: list[CellGroup]) -> None:
         if k_layers and total and k_layers != total:
             parts.append(f"{k_layers} of {total} layers")
         for k in varying:
+            if reference[k] is not _NONE and _j(i.get(k)) == reference[k]:
+                continue  # the usual value of this table (the default, else the one most rows share)
             if (k == "head_lr" and i.get("head_lr") == i.get("lr")) or (
                     k == "final_pooling" and i.get("final_pooling") == i.get("pooling")):
                 continue  # the defaults: the exit heads learn at --lr, the final head pools as the others

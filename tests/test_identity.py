@@ -178,7 +178,10 @@ def test_legacy_result_json_still_reads_and_reports(tmp_path):
     assert all("maths_version" not in r.config for r in rs)
     labels = [g.label for g in group_cells(rs)]
     assert len(labels) == 6 and len(set(labels)) == 6
-    assert "vanilla (pooling=cls, train_samples=5000, train_subset=first)" in labels
+    assert set(labels) == {"vanilla (pooling=cls, train_samples=5000, train_subset=first)",
+                           "vanilla (train_samples=5000, train_subset=first)", "vanilla (train_samples=20000)",
+                           "cosee (train_samples=5000, train_subset=first)", "cosee (train_samples=20000)",
+                           "weighted (train_samples=20000)"}
 
 
 def test_overrides_parse_by_type():

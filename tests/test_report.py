@@ -1,0 +1,101 @@
+"""Reports: one row per configuration (never averaging other settings as if they were seeds),
+labels naming what sets a row apart, the number of seeds behind every mean, and a refusal to
+put different dev sets in one table. Synthetic cells with known numbers (the oracle is a hand
+mean / std)."""
+
+import statistics
+
+import pytest
+
+from eebench.errors import EebenchError
+from eebench.grouping import group_cells
+from eebench.report import layer_table, main_table, report
+from eebench.results import CellResult, SignalSweep
+
+
+def cell(method, seed, acc, *, task="toy", dev="d" * 64, **changes):
+    """A finished cell whose energy sweep reaches ``acc`` at 2x and whose final layer scores ``acc``."""
+    from eebench import MATHS_VERSION
+    from eebench.strategy import get_method
+
+    config = {"maths_version": MATHS_VERSION, "task": task, "model": "tiny", "method": method, "seed": seed,
+              "method_params": dict(get_method(method).defaults), "epochs": 1, "lr": 1e-3, "head_lr": 1e-3,
+              "pooling": "mean", "final_pooling": "mean", "num_layers": 4, "backbone_layers": 4,
+              "eval_samples": None, "eval_split": "dev", "main_metric": "accuracy", "metrics": ["accuracy"],
+              "train_fingerprint": "t" * 64, "dev_fingerprint": dev, "train_rows": 96, "dev_rows": 48}
+    for k, v in changes.items():
+        if k in config["method_params"]:
+            config["method_params"][k] = v
+        else:
+            config[k] = v
+    k = config["num_layers"]
+    points = [{"threshold": 0.5, "speedup": 4 / k, "exit_counts": [0] * (k - 1) + [48], "accuracy": acc - 0.1,
+               "pareto": True}]
+    if method != "final-only":
+        points.append({"threshold": 0.1, "speedup": 2.0, "exit_counts": [24] + [0] * (k - 2) + [24], "accuracy": acc,
+                       "pareto": True})
+    return CellResult(cell_id=f"{method}{seed}{acc}", task=task, method=method, seed=seed, config=config,
+                      data={"dev_fingerprint": dev, "task_source": task}, model={"pooling": config["pooling"]},
+                      training={}, layers=[{"accuracy": acc}] * k,
+                      sweeps={"energy": SignalSweep(signal="energy", points=points, summary={})})
+
+
+def test_rows_are_configurations_with_labels_and_seed_counts():
+    rs = [cell("cosee", 1, 0.80), cell("cosee", 2, 0.84), cell("cosee", 3, 0.70, alpha=0.01),
+          cell("final-only", 1, 0.90), cell("final-only", 1, 0.60, num_layers=2),
+          cell("vanilla", 1, 0.75), cell("vanilla", 1, 0.65, pooling="cls", final_pooling="cls")]
+    groups = group_cells(rs)
+    labels = [g.label for g in groups]
+    assert labels == ["final-only", "final-only (2 of 4 layers)", "vanilla", "vanilla (pooling=cls)",
+                      "cosee", "cosee (alpha=0.01)"]
+    assert [len(g.cells) for g in groups] == [1, 1, 1, 1, 2, 1]
+    df = main_table(rs, 2.0)
+    sd = statistics.stdev([80.0, 84.0])
+    assert df.loc["cosee", "energy"] == f"82.0 ± {sd:.1f} (n=2)"
+    assert df.loc["cosee (alpha=0.01)", "energy"] == "70.0 (n=1)"
+    assert df.loc["final-only", "energy"] == "80.0 (n=1)"  # its only point: the last layer
+    assert df.loc["final-only (2 of 4 layers)", "energy"] == "50.0 (n=1)"
+    lt = layer_table(rs)
+    assert lt.loc["final-only (2 of 4 layers)"].tolist() == ["60.0 (n=1)", "60.0 (n=1)", "", ""]
+    assert lt.loc["cosee", "L4"] == f"82.0 ± {sd:.1f} (n=2)"
+
+
+def test_settings_that_differ_are_named():
+    rs = [cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8, epochs=3), cell("vanilla", 1, 0.6, model="other"),
+          cell("vanilla", 2, 0.5, lr=5e-3, head_lr=5e-3)]
+    labels = {g.label for g in group_cells(rs)}
+    # each row names what sets it apart from eebench's default (epochs 1), else from most rows
+    assert labels == {"vanilla", "vanilla (epochs=3)", "vanilla (model=other)", "vanilla (lr=0.005)"}
+    two = {g.label for g in group_cells(rs[:1] + [cell("vanilla", 1, 0.6, pooling="cls", final_pooling="cls")])}
+    assert two == {"vanilla (pooling=mean)", "vanilla (pooling=cls)"}  # a tie: both named
+
+
+def test_different_dev_sets_are_refused_unless_a_setting_explains_them(capsys, tmp_path):
+    other_dev = [cell("vanilla", 1, 0.7), cell("vanilla", 2, 0.8, dev="e" * 64)]
+    with pytest.raises(EebenchError, match="cells of task 'toy' were evaluated on 2 different dev sets"):
+        group_cells(other_dev)
+    with pytest.raises(EebenchError, match="different dev sets"):
+        report(other_dev, None)
+    # the CLI: one line, exit 2
+    from eebench.cli import main
+
+    for i, r in enumerate(other_dev):
+        d = tmp_path / "runs" / "toy" / f"cell{i}"
+        d.mkdir(parents=True)
+        r.to_disk(d / "result.json")
+        (d / "cell_config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["report", "--results", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "different dev sets" in err and err.count("\n") == 1
+    # --eval-samples says why the dev sets differ: two labelled rows
+    subset = [cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8, dev="e" * 64, eval_samples=20)]
+    assert {g.label for g in group_cells(subset)} == {"vanilla", "vanilla (eval_samples=20)"}
+    # other tasks are other tables, never one row
+    tasks = [cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8, task="rte", dev="e" * 64)]
+    assert [(g.task, g.label) for g in group_cells(tasks)] == [("rte", "vanilla"), ("toy", "vanilla")]
+
+
+def test_same_seed_twice_in_one_configuration_is_refused():
+    with pytest.raises(EebenchError, match="seed 1 share one configuration"):
+        group_cells([cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8)])
