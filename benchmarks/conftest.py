@@ -11,6 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
+#: Benchmarks report ratios; their limits are asserted only with EEBENCH_BENCH_ASSERT=1, so that a
+#: busy machine does not fail a test run.
+ASSERT_LIMITS = os.environ.get("EEBENCH_BENCH_ASSERT") == "1"
 
 
 def sst2_rows(split: str, n: int | None = None) -> list[tuple[str, int]]:

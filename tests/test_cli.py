@@ -131,6 +131,8 @@ def test_interrupted_cell_resumes_without_corrupt_files(tmp_path, tiny_backbone_
         (["--seeds", ""], "--seeds is empty"),
         (["epochs"], "override 'epochs' is not key=value"),
         (["cosee.gamma=1"], "method 'cosee' has no hyper-parameter 'gamma'"),
+        (["cosee.alpha=abc"], "cosee.alpha='abc' is not a number"),
+        (["cosee.swm=maybe"], "cosee.swm='maybe' is not true or false"),
         (["colour=red"], "known keys"),
     ],
 )
@@ -276,3 +278,12 @@ def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_
         assert point["speedup"] == pytest.approx(speedup)
         assert point["exit_counts"][-1] == 48  # every input leaves at the last kept layer
         assert point["accuracy"] == pytest.approx(by_layers[k].layers[-1]["accuracy"])
+    # The report keeps the two reference points apart: two rows, each its own number.
+    from eebench.report import main_table
+
+    df = main_table(find_results(out), 2.0)
+    assert list(df.index) == ["final-only", "final-only (2 of 4 layers)"]
+    for label, k in (("final-only", 4), ("final-only (2 of 4 layers)", 2)):
+        assert df.loc[label, "entropy"] == f"{100 * by_layers[k].layers[-1]['accuracy']:.1f} (n=1)"
+    assert main(["report", "--results", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert "final-only (2 of 4 layers)" in (tmp_path / "rep" / "toy" / "main_2x.md").read_text()

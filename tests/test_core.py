@@ -135,18 +135,48 @@ def test_raising_high_is_easy_threshold_never_advances(logits, a, b, p, q):
     assert (el[1] >= el[0]).all()
 
 
+# The exit rules as METHODS.md states them (the oracle; not the code's own ``meets``).
+SPEC_RULES = {
+    "energy": lambda s, t: s < t,
+    "entropy": lambda s, t: s < t,
+    "softmax": lambda s, t: s > t,
+    "patience": lambda s, t: s >= t,
+}
+
+
 @settings(max_examples=40, deadline=None)
 @given(logit_tensors, st.floats(0, 1))
 def test_exit_is_first_layer_meeting_the_rule(logits, tau):
     n, m, _ = logits.shape
     for name in SIGNALS:
         sig = get_signal(name)
-        scores = sig.score(logits)
-        el = simulate_exits(logits, sig, [tau * (m if sig.integer else 1)])[0]
+        scores = sig.score(logits).double()
+        t = tau * (m if sig.integer else 1)
+        el = simulate_exits(logits, sig, [t])[0]
         for i in range(n):
-            meets = [bool(sig.meets(scores[i, j].double(), tau * (m if sig.integer else 1))) for j in range(m - 1)]
+            meets = [SPEC_RULES[name](float(scores[i, j]), t) for j in range(m - 1)]
             expected = meets.index(True) + 1 if any(meets) else m
             assert el[i].item() == expected
+
+
+def test_score_equal_to_threshold_follows_the_spec():
+    """score == tau: energy, entropy and max softmax do not exit (strict), patience does (>=)."""
+    # layer 1: two equal logits, so max softmax is exactly 0.5 and entropy exactly 1; layer 2: confident
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [9.0, 0.0], [9.0, 0.0]]])
+    for name in ("energy", "entropy", "softmax"):
+        tau = float(get_signal(name).score(logits)[0, 0])  # the first layer's own value, exactly
+        assert simulate_exits(logits, name, [tau]).tolist() == [[3]], name  # strict: layers 1 and 2 sit exactly at tau
+    assert float(get_signal("softmax").score(logits)[0, 0]) == 0.5
+    # patience at layer 2 is exactly 1 (layer 1 agrees): >= 1 exits there
+    assert simulate_exits(logits, "patience", [1.0]).tolist() == [[2]]
+    assert simulate_exits(logits, "patience", [2.0]).tolist() == [[3]]
+
+
+def test_one_layer_model_exits_at_its_only_layer():
+    logits = torch.randn(5, 1, 3)
+    for name in SIGNALS:
+        assert simulate_exits(logits, name, [0.1, 0.9]).tolist() == [[1] * 5] * 2
+    assert speedup_ratio(torch.ones(5, dtype=torch.long), 1) == 1.0
 
 
 # ----------------------------------------------------------------------------- sweep

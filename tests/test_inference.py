@@ -227,6 +227,24 @@ def test_bench_returns_the_documented_keys(setups):
         assert set(run["cpu_speedup"][mode]) == spread
         assert run["matches_simulation"][mode] == {"exit_layers": 1.0, "predictions": 1.0}
     assert set(res["signal_overhead"]) == {"layer_ms", "head_ms", "signal_ms", "fraction", "head_fraction"}
+    # The numbers keep their definitions (oracles: a per-input loop of the spec's exit rule, Eq. 12
+    # by hand, and the ratios of the reported times).
+    lengths = [sum(e["attention_mask"]) for e in exs[:10]]
+    assert res["mean_tokens"] == pytest.approx(sum(lengths) / 10)
+    logits = one_pass_logits(model, exs[:10], batch_size=5)
+    energy = 1 / (1 + torch.exp(torch.logsumexp(logits.double(), -1)))
+    m = model.num_layers
+    exits = [next((j + 1 for j in range(m - 1) if energy[i, j] < run["threshold"]), m) for i in range(10)]
+    assert run["exit_counts"] == [exits.count(k) for k in range(1, m + 1)]
+    assert run["layer_speedup"] == pytest.approx(m * 10 / sum(exits))
+    full = res["full"]
+    assert run["wall_speedup"]["single"]["median"] == pytest.approx(
+        full["single"]["total_s"]["median"] / run["single"]["total_s"]["median"], rel=1e-9)
+    for mode in ("batched", "streaming"):
+        assert run["wall_speedup"][mode]["median"] == pytest.approx(
+            full["batched"]["total_s"]["median"] / run[mode]["total_s"]["median"], rel=1e-9)
+        assert run[mode]["throughput"]["median"] == pytest.approx(10 / run[mode]["total_s"]["median"], rel=1e-9)
+        assert run["wall_over_layer"][mode] == pytest.approx(run["wall_speedup"][mode]["median"] / run["layer_speedup"])
     text = format_bench(res)
     assert "| streaming" in text and "signal overhead" in text
 

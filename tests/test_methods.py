@@ -98,32 +98,52 @@ def test_osc_gradient_reaches_logits():
     assert logits.grad[:, -1].abs().sum() == 0  # the final layer takes no OSC term
 
 
-def test_cosee_loss_by_hand():
-    torch.manual_seed(1)
-    logits = torch.randn(5, 3, 2)
-    labels = torch.tensor([0, 1, 0, 1, 1])
-    ce = F.cross_entropy(logits.reshape(15, 2), labels.repeat_interleave(3), reduction="none").view(5, 3)
-    e = torch.sigmoid(-torch.logsumexp(logits, -1))
-    thresholds = [0.2, 0.5]
-    beta = 1.5
+def _cosee_by_loops(x: list, y: list, thresholds, beta, alpha, margin, swm=True, osc=True) -> float:
+    """COSEE's loss from METHODS.md in plain Python floats, one loop per sum (no eebench code)."""
+    n, m = len(x), len(x[0])
+
+    def lse(v):
+        top = max(v)
+        return top + math.log(sum(math.exp(a - top) for a in v))
+
+    ce = [[lse(x[i][j]) - x[i][j][y[i]] for j in range(m)] for i in range(n)]
+    energy = [[1.0 / (1.0 + math.exp(lse(x[i][j]))) for j in range(m)] for i in range(n)]
     l_ce = 0.0
     for tau in thresholds:
-        exit_layer = []
-        for n in range(5):
-            m_star = next((m + 1 for m in range(2) if e[n, m] < tau), 3)
-            exit_layer.append(m_star)
-        w = swm_weights(torch.tensor(exit_layer), 3, beta)
-        l_ce += (w * ce).sum(1).mean() / len(thresholds)
-    expected = l_ce + 0.1 * osc_loss(logits, labels, "energy", 0.3)
+        total = 0.0
+        for i in range(n):
+            m_star = next((j + 1 for j in range(m - 1) if energy[i][j] < tau), m)
+            b = beta if swm else 0.0
+            e = [math.exp(-b * abs((j + 1) - m_star)) for j in range(m)]
+            total += sum(e[j] / sum(e) * ce[i][j] for j in range(m))
+        l_ce += total / n / len(thresholds)
+    if not osc:
+        return l_ce
+    hinges = []
+    for j in range(m - 1):
+        right = [energy[i][j] for i in range(n) if max(range(len(x[i][j])), key=lambda c: x[i][j][c]) == y[i]]
+        wrong = [energy[i][j] for i in range(n) if max(range(len(x[i][j])), key=lambda c: x[i][j][c]) != y[i]]
+        if right and wrong:
+            hinges.append(max(0.0, sum(right) / len(right) - sum(wrong) / len(wrong) + margin))
+    return l_ce + alpha * (sum(hinges) / len(hinges) if hinges else 0.0)
+
+
+def test_cosee_loss_by_hand():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 3, 2, dtype=torch.float64) * 2
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    x, y = logits.tolist(), labels.tolist()
+    thresholds, beta = [0.05, 0.2, 0.5], 1.5
+    e = torch.sigmoid(-torch.logsumexp(logits, -1))
+    assert len({int((e[:, :2] < t).any(1).sum()) for t in thresholds}) > 1  # thresholds send samples out differently
     got = cosee_loss(logits, labels, thresholds, beta, "energy", alpha=0.1, margin=0.3)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() == pytest.approx(_cosee_by_loops(x, y, thresholds, beta, 0.1, 0.3), rel=1e-6)
     # ablations
-    no_osc = cosee_loss(logits, labels, thresholds, beta, swm=True, osc=False)
-    assert no_osc.item() == pytest.approx(l_ce.item(), rel=1e-5)
-    no_swm = cosee_loss(logits, labels, thresholds, beta, swm=False, osc=False)
-    assert no_swm.item() == pytest.approx(ce.mean(1).mean().item(), rel=1e-5)
+    for swm, osc in ((True, False), (False, True), (False, False)):
+        got = cosee_loss(logits, labels, thresholds, beta, alpha=0.1, margin=0.3, swm=swm, osc=osc)
+        assert got.item() == pytest.approx(_cosee_by_loops(x, y, thresholds, beta, 0.1, 0.3, swm, osc), rel=1e-6)
     beta0 = cosee_loss(logits, labels, thresholds, 0.0, swm=True, osc=False)
-    assert beta0.item() == pytest.approx(no_swm.item(), rel=1e-5)  # beta = 0 is uniform
+    assert beta0.item() == pytest.approx(_cosee_by_loops(x, y, thresholds, 0.0, 0.1, 0.3, osc=False), rel=1e-6)
 
 
 def test_cosee_threshold_range_and_beta_schedule():

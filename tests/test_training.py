@@ -63,8 +63,6 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
     full, _, _ = _train(toy, "cosee", out=tmp_path / "a", epochs=2, checkpoint_every=2)
 
     # Kill the second run in the middle of epoch 2 (after optimiser step 9 of 12).
-    import eebench.training as tr
-
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
 
@@ -77,15 +75,16 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2)
+    assert calls["n"] == 9  # the kill did happen, after 8 completed steps
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["state"]["step"] == 8 and state["state"]["epoch"] == 1  # mid-epoch checkpoint
     assert state["strategy"]["lo"] != 0.0 or state["strategy"]["hi"] != 1.0  # COSEE range after epoch 1
     resumed, _, res = _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
     assert res.resumed_from_step == 8
+    assert res.steps == 12 and len(res.history) == 2
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
-    assert tr  # module import used for monkeypatch scope clarity
 
 
 def test_cosee_threshold_range_follows_observed_signals(toy):
@@ -95,8 +94,36 @@ def test_cosee_threshold_range_follows_observed_signals(toy):
 
 
 def test_two_stage_freezes_backbone_in_stage_two(toy):
-    model, _, res = _train(toy, "two-stage", epochs=1)
-    assert [h["phase"] for h in res.history] == ["backbone+final", "internal-heads"]
+    """Stage 1 moves the backbone and the final head, never an internal head; stage 2 moves
+    only the internal heads: the backbone and final head end exactly as stage 1 left them."""
+    path, tok, spec, train, dev = toy
+    seed_everything(7)
+    model = MultiExitModel.from_config(MultiExitConfig(model=str(path), num_labels=2, pooling="mean"))
+    snap = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+    states = [snap()]
+    trainer = Trainer(model, build_strategy("two-stage"), TrainConfig(lr=3e-3, epochs=1, batch_size=16, seed=7,
+                                                                      progress=False, device="cpu"),
+                      tok, spec, on_epoch=lambda n, entry: states.append(snap()))
+    res = trainer.train(train, dev)
+    assert [h["phase"] for h in res.history] == ["backbone+final", "internal-heads"] and len(states) == 3
+    m = model.num_layers
+
+    def internal(k):
+        return k.startswith("heads.classifiers.") and int(k.split(".")[2]) < m - 1
+
+    def moved(a, b, keys):
+        return {k for k in keys if not torch.equal(a[k], b[k])}
+
+    keys = [k for k in states[0] if states[0][k].is_floating_point()]
+    heads = [k for k in keys if internal(k)]
+    rest = [k for k in keys if not internal(k)]
+    backbone = [k for k in rest if k.startswith("backbone.") and "pooler" not in k]
+    final = [k for k in rest if k.startswith(f"heads.classifiers.{m - 1}.")]
+    s0, s1, s2 = states
+    assert not moved(s0, s1, heads)  # stage 1: internal heads frozen
+    assert moved(s0, s1, backbone) and set(final) <= moved(s0, s1, final)
+    assert not moved(s1, s2, rest)  # stage 2: backbone and final head frozen
+    assert set(heads) == moved(s1, s2, heads)  # every internal head learns
 
 
 def test_head_lr_is_a_separate_group(toy):
