@@ -9,8 +9,8 @@ MATHS_VERSION = 1
 
 
 def _map_checkout_packages() -> None:
-    """In a source checkout, make ``methods/`` and ``tasks/`` importable as ``eebench.methods`` and
-    ``eebench.tasks``, as an installed wheel (or editable install) maps them. Without this, running
+    """In a source checkout, make ``methods/``, ``tasks/`` and ``recipes/`` importable as ``eebench.methods``,
+    ``eebench.tasks`` and ``eebench.recipes``, as an installed wheel (or editable install) maps them. Without this, running
     from the repository root with the package installed non-editable (tox, CI) would import this
     folder, which has no ``methods`` sub-package."""
     import importlib.machinery
@@ -19,7 +19,7 @@ def _map_checkout_packages() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for name in ("methods", "tasks"):
+    for name in ("methods", "tasks", "recipes"):
         full = f"{__name__}.{name}"
         init = root / name / "__init__.py"
         if full in sys.modules or not init.exists():

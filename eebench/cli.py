@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train methods x seeds, sweep every signal, log to results/ and MLflow")
-    r.add_argument("--config", help="YAML file of run settings (keys as the flags, with underscores)")
+    r.add_argument("--config", help="a recipe name (`eebench list`: paper, cpu) or a YAML file of run settings "
+                   "(keys as the flags, with underscores)")
     r.add_argument("--task", help="GLUE task name or path to a task YAML (default sst2)")
     r.add_argument("--methods", help="comma-separated training methods (eebench list)")
     r.add_argument("--signals", help="comma-separated exit signals to sweep")
@@ -72,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--task")
     rep.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
     rep.add_argument("--speedup", type=float, default=2.0, help="matched speed-up of the main table (default 2)")
-    rep.add_argument("--signal", default="energy", help="exit signal of the ablation table (default energy)")
-    rep.add_argument("--out", help="also write tables and plots into this folder")
+    rep.add_argument("--signal", default="energy",
+                     help="exit signal of the ablation table, Table 2 and the analysis figures (default energy)")
+    rep.add_argument("--out", help="also write tables, plots and the analysis figures (PNG + CSV) into this folder")
+    rep.add_argument("--log-mlflow", metavar="URI",
+                     help="log the files written under --out to a 'report' run in this MLflow store")
 
     b = sub.add_parser("bench", help="wall-clock latency / throughput of true early exit for a trained cell")
     b.add_argument("cell", help="a cell folder (containing result.json and model/)")
@@ -110,6 +114,11 @@ def cmd_list() -> None:
         print(f"  {n:14s} exits when value {rule}")
     print("tasks:")
     print("  " + ", ".join(list_tasks()) + "  (or a path to your own task YAML)")
+    from eebench.runner import list_recipes
+
+    print("recipes (eebench run --config NAME; flags and key=value overrides win):")
+    for name, desc in list_recipes().items():
+        print(f"  {name:14s} {desc}")
     print("models (aliases; any hub id or local path also works):")
     for k, a in MODEL_ALIASES.items():
         print(f"  {k:14s} default pooling {a.pooling}: {a.note}")
@@ -143,7 +152,9 @@ def cmd_report(args) -> None:
     from eebench.report import load_results, report
 
     rs = load_results(args.results, args.tracking_uri, args.task)
-    print(report(rs, args.out, args.format, args.speedup, args.signal))
+    if args.log_mlflow and not args.out:
+        raise EebenchError("--log-mlflow needs --out DIR (the report files are written there, then logged)")
+    print(report(rs, args.out, args.format, args.speedup, args.signal, log_to=args.log_mlflow))
 
 
 def cmd_sweep(args) -> None:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eebench.metrics import exit_counts, exit_decision_rates, get_metric, speedup_ratios
+from eebench.metrics import (
+    difficulty_inversion_by_layer,
+    exit_counts,
+    exit_counts_by_label,
+    exit_decision_rates,
+    get_metric,
+    speedup_ratios,
+)
 from eebench.signals import Signal, get_signal
 
 
@@ -118,6 +125,8 @@ class Sweep:
     premature: torch.Tensor  # [T]
     delayed: torch.Tensor  # [T]
     main_metric: str = "accuracy"
+    counts_by_label: torch.Tensor | None = None  # [T, C, M]: exit layers split by gold label
+    dis: list[float] = field(default_factory=list)  # [M]: difficulty inversion score of each layer
     extra: dict = field(default_factory=dict)
 
     def front(self) -> torch.Tensor:
@@ -142,6 +151,8 @@ class Sweep:
                 "delayed_rate": float(self.delayed[t]),
                 "pareto": t in front,
             }
+            if self.counts_by_label is not None:
+                rec["exit_counts_by_label"] = self.counts_by_label[t].tolist()
             rec.update({k: float(v[t]) for k, v in self.metrics.items()})
             out.append(rec)
         return out
@@ -168,6 +179,9 @@ def sweep(
     preds = predictions_at_exit(layer_logits, el)
     correct = layer_logits.argmax(-1) == labels.unsqueeze(1)
     premature, delayed = exit_decision_rates(el, correct)
+    by_label = None
+    if not labels.is_floating_point():  # classification: exits split by gold label
+        by_label = exit_counts_by_label(el, labels, m, layer_logits.shape[-1]).cpu()
     return Sweep(
         signal=sig.name,
         num_layers=m,
@@ -179,4 +193,6 @@ def sweep(
         premature=premature.cpu(),
         delayed=delayed.cpu(),
         main_metric=metrics[0],
+        counts_by_label=by_label,
+        dis=difficulty_inversion_by_layer(scores, correct, sig.higher_is_easier),
     )

@@ -151,6 +151,22 @@ def difficulty_inversion_score(scores: torch.Tensor, correct: torch.Tensor, high
     return float(skm.roc_auc_score(wrong, hardness))
 
 
+def difficulty_inversion_by_layer(scores: torch.Tensor, correct: torch.Tensor, higher_is_easier: bool) -> list[float]:
+    """DIS of every layer: scores [N, M], correct [N, M] -> M values (NaN where undefined)."""
+    return [difficulty_inversion_score(scores[:, m], correct[:, m], higher_is_easier) for m in range(scores.shape[1])]
+
+
+def exit_counts_by_label(exit_layers: torch.Tensor, labels: torch.Tensor, num_layers: int,
+                         num_classes: int) -> torch.Tensor:
+    """How many samples of each gold label leave at each layer: [T, N] x [N] -> [T, C, M]."""
+    el = _as_tensor(exit_layers).long()
+    el = el.unsqueeze(0) if el.dim() == 1 else el
+    idx = _as_tensor(labels).long().to(el.device).unsqueeze(0) * num_layers + (el - 1)
+    counts = torch.zeros(el.shape[0], num_classes * num_layers, dtype=torch.long, device=el.device)
+    counts.scatter_add_(1, idx, torch.ones_like(idx))
+    return counts.view(el.shape[0], num_classes, num_layers)
+
+
 def exit_decision_rates(exit_layers: torch.Tensor, correct: torch.Tensor):
     """Premature and delayed exiting rates for a [T, N] exit-layer tensor.
 

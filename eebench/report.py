@@ -178,14 +178,16 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
 
 
 def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
-           signal: str = "energy") -> str:
+           signal: str = "energy", log_to: str | None = None) -> str:
     """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task."""
     if not results:
         raise EebenchError("no results to report")
     from eebench.models import _atomic
 
     text = []
-    for task in sorted({r.task for r in results}):
+    written: dict[str, list[Path]] = {}
+    tasks = sorted({r.task for r in results})
+    for task in tasks:
         rs = [r for r in results if r.task == task]
         metric = rs[0].config["main_metric"]
         pool = sorted({str(r.model.get("pooling")) for r in rs})
@@ -220,8 +222,55 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             png = plot_pareto(curves, Path(out_dir) / task / "pareto.png",
                               title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling", metric=metric)
             text.append(f"\nPareto plot: {png}")
+            from eebench import analyses
+
+            files = analyses.write_all(report_groups(rs), Path(out_dir) / task / "analyses", task,
+                                       signals=[signal], target=speedup, label_names=_label_names(rs))
+            written.setdefault(task, []).extend([Path(out_dir) / task / "pareto.png", *files])
+            if files:
+                text.append("Analyses (PNG + CSV): " + ", ".join(sorted({f.stem for f in files})) + f" in "
+                            f"{Path(out_dir) / task / 'analyses'}")
         text.append("")
+    from eebench import analyses
+
+    df = analyses.cross_task_table({t: report_groups([r for r in results if r.task == t]) for t in tasks},
+                                   signal=signal, speedup=speedup)
+    caption = (f"Table 2 layout: dev metric (x100) at >= {speedup:g}x with {signal} exits (reached speed-up and "
+               "seeds in brackets); final-only rows are the full model (1.00x) and budget exiting")
+    text += [f"## All tasks\n\n### {caption}\n", render(df, fmt), ""]
+    if out_dir:
+        base = Path(out_dir) / f"table2_{signal}_{speedup:g}x"
+        for f, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv")):
+            rendered = render(df, f)
+            path = base.with_name(f"{base.name}.{ext}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(path, lambda p, t=rendered: Path(p).write_text(t + "\n"))
+            written.setdefault("", []).append(path)
+    if log_to and out_dir:
+        from eebench.tracking import log_report
+
+        for task, files in written.items():
+            url = log_report(log_to, task or None, files, Path(out_dir))
+            text.append(f"logged {len(files)} report files to MLflow: {url}")
     return "\n".join(text)
+
+
+def report_groups(results: list[CellResult]) -> list[tuple[str, list[CellResult]]]:
+    """Cells of one configuration (everything but the seed), labelled, in the tables' order."""
+    groups: dict[str, list[CellResult]] = {}
+    for r in sorted(results, key=lambda r: (_method_order(r.method), r.seed)):
+        groups.setdefault(_label(r), []).append(r)
+    return list(groups.items())
+
+
+def _label_names(results: list[CellResult]) -> list[str] | None:
+    try:
+        from eebench.data import get_task
+
+        spec = get_task(results[0].data.get("task_source", results[0].task))
+        return list(spec.label_names) if spec.label_names else None
+    except Exception:  # noqa: BLE001 - label names only decorate a figure
+        return None
 
 
 def load_results(results_dir: str | None, tracking_uri: str | None, task: str | None) -> list[CellResult]:

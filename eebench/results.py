@@ -35,6 +35,7 @@ class SignalSweep(BaseModel):
     summary: dict[str, float | None]  # <metric>_at_<x>x (None: speed-up not reached), auc, best
     confirm: list[dict[str, Any]] = Field(default_factory=list)  # true early exit vs simulation
     num_thresholds: int | None = None  # the grid size asked for (None: a result from before it was recorded)
+    dis: list[float | None] = Field(default_factory=list)  # difficulty inversion score per layer (empty: not computed)
 
 
 class CellResult(BaseModel):

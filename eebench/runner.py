@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict
@@ -322,6 +323,9 @@ class Runner:
         d.mkdir(parents=True, exist_ok=True)
         _atomic(d / "cell_config.json", lambda p: Path(p).write_text(json.dumps(cc, indent=1)))
         strategy = build_strategy(method, cfg.method_params.get(method))
+        protocol = strategy.protocol_warnings(cfg.epochs)
+        for w in protocol:  # said before training starts, and kept in the result
+            print(f"warning: [{method} seed {seed}] {w}", flush=True)
         seed_everything(seed)
         mcfg = MultiExitConfig(model=cfg.model, num_labels=self.spec.num_labels, pooling=cfg.pooling,
                                final_pooling=cfg.final_pooling, num_layers=cfg.num_layers)
@@ -350,7 +354,7 @@ class Runner:
 
         _atomic(d / "dev_logits.safetensors", lambda p: save_file({"logits": logits, "labels": labels}, p))
         layers = layer_metrics(logits, labels, self.spec.metrics)
-        warnings = []
+        warnings = list(protocol)
         if strategy.trains_exits:
             bad = collapsed_layers(logits, labels, self.spec.main_metric)
             if bad:
@@ -406,7 +410,8 @@ class Runner:
             if trains_exits and self.cfg.confirm_thresholds:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
             result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summarize(sw, scale), confirm=confirm,
-                                           num_thresholds=self.cfg.num_thresholds)
+                                           num_thresholds=self.cfg.num_thresholds,
+                                           dis=[None if math.isnan(x) else x for x in sw.dis])
             result.timings[f"sweep_{s}_s"] = t_sweep
         record_exactness(result)
 
@@ -483,18 +488,13 @@ def run_config_from(args: dict[str, Any], config_file: str | None, overrides: li
     import yaml
 
     data: dict[str, Any] = {}
+    per_task: dict[str, dict[str, Any]] = {}
     if config_file:
-        p = Path(config_file)
-        if not p.exists():
-            raise EebenchError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise EebenchError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise EebenchError(f"config file {p} must be a mapping of key: value")
+        loaded = load_config_file(config_file)
+        per_task = loaded.pop("per_task", None) or {}
+        loaded.pop("description", None)
         data.update(loaded)
-    data.update({k: v for k, v in args.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
     for ov in overrides:
         if "=" not in ov:
             raise EebenchError(f"override {ov!r} is not key=value (e.g. epochs=2 or cosee.alpha=0.01)")
@@ -502,9 +502,25 @@ def run_config_from(args: dict[str, Any], config_file: str | None, overrides: li
         val = yaml.safe_load(v) if v else None
         if "." in k:  # method hyper-parameter: cosee.alpha=0.01
             m, hp = k.split(".", 1)
-            data.setdefault("method_params", {}).setdefault(m, {})[hp] = val
+            given.setdefault("method_params", {}).setdefault(m, {})[hp] = val
         else:
-            data[k] = val
+            given[k] = val
+    # A recipe's per-task values (e.g. the lr that makes RTE learn) sit between the recipe's
+    # own values and what the user gave explicitly.
+    task = given.get("task", data.get("task", RunConfig.model_fields["task"].default))
+    if isinstance(task, str) and task in per_task:
+        extra = dict(per_task[task])
+        mp = extra.pop("method_params", None)
+        data.update(extra)
+        if mp:
+            for m, hp in mp.items():
+                data.setdefault("method_params", {}).setdefault(m, {}).update(hp)
+    for k, v in given.items():
+        if k == "method_params":
+            for m, hp in v.items():
+                data.setdefault("method_params", {}).setdefault(m, {}).update(hp)
+        else:
+            data[k] = v
     from pydantic import ValidationError
 
     try:
@@ -515,6 +531,45 @@ def run_config_from(args: dict[str, Any], config_file: str | None, overrides: li
         known = ", ".join(RunConfig.model_fields)
         hint = f"; known keys: {known}" if err["type"] == "extra_forbidden" else ""
         raise EebenchError(f"bad config value for {loc!r}: {err['msg']}{hint}") from None
+
+
+def list_recipes() -> dict[str, str]:
+    """Packaged recipes (``recipes/*.yaml``): name -> one-line description."""
+    from importlib import resources
+
+    import yaml
+
+    out = {}
+    for f in sorted(resources.files("eebench.recipes").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            out[f.name[: -len(".yaml")]] = str((yaml.safe_load(f.read_text()) or {}).get("description", ""))
+    return out
+
+
+def load_config_file(name_or_path: str) -> dict[str, Any]:
+    """A run config: a YAML file's path, or the name of a packaged recipe (``paper``, ``cpu``)."""
+    from importlib import resources
+
+    import yaml
+
+    p = Path(name_or_path)
+    if p.exists():
+        text, where = p.read_text(), str(p)
+    elif name_or_path in list_recipes():
+        text, where = (resources.files("eebench.recipes") / f"{name_or_path}.yaml").read_text(), f"recipe {name_or_path}"
+    else:
+        raise EebenchError(f"config {name_or_path!r} is neither a file nor a recipe; recipes: "
+                           f"{', '.join(list_recipes())}")
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise EebenchError(f"config {where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise EebenchError(f"config {where} must be a mapping of key: value")
+    pt = loaded.get("per_task")
+    if pt is not None and not (isinstance(pt, dict) and all(isinstance(v, dict) for v in pt.values())):
+        raise EebenchError(f"config {where}: per_task must map task names to mappings of key: value")
+    return loaded
 
 
 def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int = 100, tracking_uri: str | None = None,

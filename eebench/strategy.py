@@ -186,6 +186,11 @@ class Strategy:
     def on_epoch_end(self, epoch: int) -> None:
         """Called after every training epoch (COSEE updates its threshold range here)."""
 
+    def protocol_warnings(self, epochs: int) -> list[str]:
+        """Ways in which this training run departs from the method's protocol (printed and kept
+        in the cell's result); none by default."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 

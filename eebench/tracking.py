@@ -193,3 +193,31 @@ class Tracker:
 
         if run_id:
             self._safe(log)
+
+
+def log_report(uri: str, task: str | None, files: list[Path], root: Path) -> str:
+    """Log report files (tables, figures, their CSVs) as artefacts of one "report" run in the
+    task's experiment (``eebench-<task>``; ``eebench-reports`` for cross-task tables). Returns the
+    run's UI address or id."""
+    import datetime
+
+    from mlflow.tracking import MlflowClient
+
+    from eebench.errors import EebenchError
+
+    if uri.startswith(("http://", "https://")) and not Tracker._reachable(uri):
+        raise EebenchError(f"MLflow tracking server {uri} is unreachable; the report files are kept under {root}")
+    client = MlflowClient(tracking_uri=uri)
+    name = f"eebench-{task}" if task else "eebench-reports"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    run = client.create_run(exp_id, run_name=f"report {task or 'all tasks'} {stamp}",
+                            tags={"eebench_report": "1", "task": task or "all"})
+    for f in files:
+        rel = Path(f).resolve().relative_to(Path(root).resolve()).parent
+        client.log_artifact(run.info.run_id, str(f), artifact_path=None if str(rel) == "." else rel.as_posix())
+    client.set_terminated(run.info.run_id)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run.info.run_id}"
+    return f"run {run.info.run_id} in experiment {name} ({uri})"

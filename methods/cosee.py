@@ -131,6 +131,13 @@ class Cosee(Strategy):
             self.lo, self.hi = self._seen_min, self._seen_max
         self._seen_min, self._seen_max = float("inf"), float("-inf")
 
+    def protocol_warnings(self, epochs: int) -> list[str]:
+        if epochs > 1 or not bool(self.hparams["swm"]):
+            return []
+        return [f"{self.name} is trained for one epoch: its threshold range is recalibrated only after an epoch, so "
+                "every step draws thresholds from [0, 1], which sends most samples out at layer 1 and makes SWM "
+                "lean on the shallow layers; train 2 or more epochs (the official scripts train 10)"]
+
     def state_dict(self) -> dict:
         return {"lo": self.lo, "hi": self.hi, "seen_min": self._seen_min, "seen_max": self._seen_max}
 

@@ -287,3 +287,29 @@ def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_
         assert df.loc[label, "entropy"] == f"{100 * by_layers[k].layers[-1]['accuracy']:.1f} (n=1)"
     assert main(["report", "--results", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "final-only (2 of 4 layers)" in (tmp_path / "rep" / "toy" / "main_2x.md").read_text()
+
+
+def test_report_writes_the_papers_analyses_and_logs_them(finished_run, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    finished_run, _ = finished_run
+    cosee = [r for r in find_results(finished_run) if r.method == "cosee"]
+    assert all(any("trained for one epoch" in w for w in r.warnings) for r in cosee)
+    assert not any("one epoch" in w for r in find_results(finished_run) if r.method == "vanilla" for w in r.warnings)
+    rep, uri = tmp_path / "rep", f"sqlite:///{tmp_path / 'reports.db'}"
+    assert main(["report", "--results", str(finished_run), "--out", str(rep), "--log-mlflow", uri]) == 0
+    text = capsys.readouterr().out
+    assert "Table 2 layout" in text and "logged" in text
+    an = rep / "toy" / "analyses"
+    for stem in ("training_curves", "signals_compared", "ablation_energy", "dis_energy", "exit_distribution_energy",
+                 "exit_rates_energy"):
+        assert (an / f"{stem}.png").stat().st_size > 1000 and (an / f"{stem}.csv").stat().st_size > 0, stem
+    assert {"table2_energy_2x.md", "table2_energy_2x.tex", "table2_energy_2x.csv"} <= {p.name for p in rep.iterdir()}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("eebench-toy")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.eebench_report = '1'")
+    assert len(runs) == 1
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "analyses")}
+    assert "analyses/dis_energy.png" in logged and "analyses/training_curves.csv" in logged
+    assert main(["report", "--results", str(finished_run), "--log-mlflow", uri]) == 2
+    assert "--log-mlflow needs --out" in capsys.readouterr().err

@@ -18,8 +18,8 @@ def test_wheel_maps_methods_and_tasks_under_eebench(tmp_path):
     finally:
         os.chdir(cwd)
     names = zipfile.ZipFile(tmp_path / name).namelist()
-    assert "eebench/methods/cosee.py" in names and "eebench/tasks/sst2.yaml" in names
-    assert not [n for n in names if n.startswith(("methods/", "tasks/", "tests/", "benchmarks/"))]
+    assert {"eebench/methods/cosee.py", "eebench/tasks/sst2.yaml", "eebench/recipes/paper.yaml", "eebench/recipes/cpu.yaml"} <= set(names)
+    assert not [n for n in names if n.startswith(("methods/", "tasks/", "recipes/", "tests/", "benchmarks/"))]
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "eebench = eebench.cli:main" in zipfile.ZipFile(tmp_path / name).read(entry[0]).decode()
 
