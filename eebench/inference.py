@@ -121,7 +121,7 @@ class EngineOutput:
     logits: torch.Tensor  # [N, C] float32, logits of the exit layer
 
     def speedup(self, num_layers: int) -> float:
-        """Layer speed-up (METHODS.md Eq. 12) of these exit layers."""
+        """Layer speed-up (docs/methods.md, Eq. 12) of these exit layers."""
         return speedup_ratio(self.exit_layers, num_layers)
 
 

@@ -1,6 +1,6 @@
 """Exit signals: one number per sample and layer, plus the rule that turns it into an exit.
 
-Every formula follows ../shared/docs/METHODS.md. All signals work on logits of every layer,
+Every formula follows docs/methods.md. All signals work on logits of every layer,
 ``layer_logits`` of shape [N, M, C], and return scores of shape [N, M]. A new signal is one
 class registered with ``@SIGNALS.register("name")``.
 """

@@ -1,6 +1,6 @@
 """``cosee``: COSEE (He et al., AAAI 2025): sample weighting (SWM) + online signal calibration (OSC).
 
-Exactly as ../shared/docs/METHODS.md, from the same training forward pass:
+Exactly as docs/methods.md, from the same training forward pass:
 
 1. signals of the internal layers with the training signal;
 2. K thresholds drawn uniformly from [lo, hi] ([0, 1] in the first epoch, then the [min, max] of
