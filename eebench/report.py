@@ -193,8 +193,10 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         pool = sorted({str(r.model.get("pooling")) for r in rs})
         head_lr = sorted({str(r.model.get("head_lr")) for r in rs})
         seeds = sorted({r.seed for r in rs})
+        batching = sorted({batching_of(r) for r in rs})
         hdr = (f"## {task}: dev {metric} (x100), model {rs[0].config['model']}, exit pooling {', '.join(pool)}, "
-               f"head lr {', '.join(head_lr)}, seeds {', '.join(map(str, seeds))}")
+               f"head lr {', '.join(head_lr)}, training batches {' and '.join(batching)}, "
+               f"seeds {', '.join(map(str, seeds))}")
         tables = {
             f"main_{speedup:g}x": (f"{metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it)",
                                    main_table(rs, speedup)),
@@ -253,6 +255,12 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             url = log_report(log_to, task or None, files, Path(out_dir))
             text.append(f"logged {len(files)} report files to MLflow: {url}")
     return "\n".join(text)
+
+
+def batching_of(r: CellResult) -> str:
+    """How a cell's training batches were formed. Cells written before the option was recorded
+    used length-grouped batches (the default then and now)."""
+    return "length-grouped" if r.config.get("group_by_length", True) else "random"
 
 
 def report_groups(results: list[CellResult]) -> list[tuple[str, list[CellResult]]]:
