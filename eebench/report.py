@@ -252,7 +252,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         from eebench.tracking import log_report
 
         for task, files in written.items():
-            url = log_report(log_to, task or None, files, Path(out_dir))
+            url = log_report(log_to, task or None, files, Path(out_dir) / task if task else Path(out_dir))
             text.append(f"logged {len(files)} report files to MLflow: {url}")
     return "\n".join(text)
 
@@ -264,11 +264,8 @@ def batching_of(r: CellResult) -> str:
 
 
 def report_groups(results: list[CellResult]) -> list[tuple[str, list[CellResult]]]:
-    """Cells of one configuration (everything but the seed), labelled, in the tables' order."""
-    groups: dict[str, list[CellResult]] = {}
-    for r in sorted(results, key=lambda r: (_method_order(r.method), r.seed)):
-        groups.setdefault(_label(r), []).append(r)
-    return list(groups.items())
+    """(label, cells) per configuration, as ``group_cells`` groups and labels them, in the tables' order."""
+    return [(g.label, list(g.cells)) for g in group_cells(results)]
 
 
 def _label_names(results: list[CellResult]) -> list[str] | None:
