@@ -9,11 +9,14 @@ JSON: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -163,8 +166,9 @@ class Trainer:
         result = TrainResult()
         state = {"phase": 0, "epoch": 0, "micro": 0, "step": 0}
         ckpt = self.out_dir / "checkpoint" if self.out_dir else None
-        if resume and ckpt is not None and (ckpt / "trainer_state.json").exists():
-            state, result.history = self._peek_state(ckpt)
+        doc = self._resume_point(ckpt) if resume and ckpt is not None and ckpt.is_dir() else None
+        if doc is not None:
+            state, result.history = doc["state"], doc["history"]
             result.resumed_from_step = state["step"]
         scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.precision == "fp16") else None
         t0 = time.perf_counter()
@@ -173,7 +177,7 @@ class Trainer:
             opt = self._optimizer()
             phase_steps = steps_per_epoch * phase_epochs[pi]
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, T=phase_steps: max(0.0, 1 - s / max(T, 1)))
-            if resume and ckpt is not None and (ckpt / "trainer_state.json").exists() and pi == state["phase"]:
+            if doc is not None and pi == state["phase"]:
                 self._load_checkpoint(ckpt, opt, sched)
             first_epoch = state["epoch"] if pi == state["phase"] else 0
             for epoch in range(first_epoch, phase_epochs[pi]):
@@ -237,11 +241,21 @@ class Trainer:
         return layer_metrics(logits, labels, self.spec.metrics)
 
     # -- checkpoints ------------------------------------------------------------------------
+    # A checkpoint is a set of files (weights, optimiser + RNG tensors, trainer state) that must
+    # come from one step. Each save writes a new generation folder ``gen-<step>-<id>/`` and then
+    # switches the pointer ``current.json`` (which also holds the generation's manifest: step, and
+    # size + SHA-256 of every file) with one atomic rename. A kill at any moment leaves either the
+    # old or the new generation current, never a mix; anything else in the folder is debris of a
+    # kill and is removed. Only one process writes a cell's checkpoint (the runner's cell lock).
     def _save_checkpoint(self, d: Path, opt, sched, state: dict, history: list) -> None:
         from safetensors.torch import save_file
 
         d.mkdir(parents=True, exist_ok=True)
-        self.model.save(d)
+        current = _read_pointer(d)
+        _remove_debris(d, keep=current)
+        gen = d / f"gen-{state['step']:08d}-{uuid.uuid4().hex[:8]}"
+        gen.mkdir()
+        self.model.save(gen)
         tensors, meta = _flatten_optimizer(opt)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -249,7 +263,7 @@ class Trainer:
                 tensors[f"rng.cuda.{i}"] = s
         np_state = np.random.get_state()
         tensors["rng.numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-        _atomic(d / "optimizer.safetensors", lambda p: save_file(tensors, p))
+        _atomic(gen / "optimizer.safetensors", lambda p: save_file(tensors, p))
         doc = {
             "state": state,
             "history": history,
@@ -260,33 +274,131 @@ class Trainer:
                     "numpy_gauss": [int(np_state[3]), float(np_state[4])]},
             "train_config": asdict(self.cfg),
         }
-        # Written last: a checkpoint only counts once its state file exists.
-        _atomic(d / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(doc)))
+        _atomic(gen / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(doc)))
+        manifest = {"format": CHECKPOINT_FORMAT, "generation": gen.name, "step": state["step"],
+                    "files": {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+                              for f in sorted(gen.iterdir()) if f.is_file()}}
+        # The switch: from here on the new generation is the checkpoint.
+        _atomic(d / POINTER, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+        _remove_debris(d, keep=gen.name)
 
-    def _peek_state(self, d: Path):
-        doc = json.loads((d / "trainer_state.json").read_text())
-        return doc["state"], doc["history"]
+    def _resume_point(self, d: Path) -> dict | None:
+        """The trainer state of the checkpoint in ``d`` if it is complete and self-consistent;
+        else None, after saying on the console which file is wrong (the cell then trains from
+        the start: a torn checkpoint must never be resumed)."""
+        problem = checkpoint_problem(d)
+        if problem is None:
+            doc = json.loads((d / _read_pointer(d) / "trainer_state.json").read_text())
+            _remove_debris(d, keep=_read_pointer(d))
+            return doc
+        if any(d.iterdir()):
+            print(f"warning: {problem}; training this cell from the start", flush=True)
+        _remove_debris(d, keep=None)
+        return None
 
     def _load_checkpoint(self, d: Path, opt, sched) -> None:
         from safetensors.torch import load_file
 
-        doc = json.loads((d / "trainer_state.json").read_text())
-        loaded = MultiExitModel.load(d)
-        self.model.load_state_dict(loaded.state_dict())
-        tensors = load_file(d / "optimizer.safetensors")
-        _restore_optimizer(opt, tensors, doc["optimizer"], self.device)
-        sd = dict(doc["scheduler"])
-        sd.pop("lr_lambdas", None)
-        sched.load_state_dict(sd | {"lr_lambdas": [None] * len(opt.param_groups)})
-        self.strategy.load_state_dict(doc["strategy"])
-        torch.set_rng_state(tensors["rng.torch"])
-        for i in range(torch.cuda.device_count()):
-            if f"rng.cuda.{i}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
-        random.setstate(_py_rng_from_json(doc["rng"]["python"]))
-        g = doc["rng"]["numpy_gauss"]
-        np.random.set_state(("MT19937", tensors["rng.numpy.keys"].numpy().astype(np.uint32), doc["rng"]["numpy_pos"], g[0], g[1]))
-        log.info("resumed from %s at optimiser step %d", d, doc["state"]["step"])
+        gen = d / _read_pointer(d)
+        try:
+            doc = json.loads((gen / "trainer_state.json").read_text())
+            loaded = MultiExitModel.load(gen)
+            self.model.load_state_dict(loaded.state_dict())
+            tensors = load_file(gen / "optimizer.safetensors")
+            _restore_optimizer(opt, tensors, doc["optimizer"], self.device)
+            sd = dict(doc["scheduler"])
+            sd.pop("lr_lambdas", None)
+            sched.load_state_dict(sd | {"lr_lambdas": [None] * len(opt.param_groups)})
+            self.strategy.load_state_dict(doc["strategy"])
+            torch.set_rng_state(tensors["rng.torch"])
+            for i in range(torch.cuda.device_count()):
+                if f"rng.cuda.{i}" in tensors:
+                    torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+            random.setstate(_py_rng_from_json(doc["rng"]["python"]))
+            g = doc["rng"]["numpy_gauss"]
+            np.random.set_state(("MT19937", tensors["rng.numpy.keys"].numpy().astype(np.uint32), doc["rng"]["numpy_pos"],
+                                 g[0], g[1]))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EebenchError) as e:
+            # The files passed their manifest but do not fit this run (e.g. written by another
+            # eebench version): the model may be half loaded, so stop rather than guess.
+            raise EebenchError(f"checkpoint {gen} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                               f"delete {d} to train this cell from the start") from None
+        log.info("resumed from %s at optimiser step %d", gen, doc["state"]["step"])
+
+
+CHECKPOINT_FORMAT = 2
+POINTER = "current.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_pointer(d: Path) -> str | None:
+    """The name of the current generation (None: no readable pointer)."""
+    try:
+        name = json.loads((d / POINTER).read_text())["generation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and "/" not in name and name not in (".", "..") else None
+
+
+def has_checkpoint(d: Path) -> bool:
+    """Whether ``d`` holds anything that looks like a checkpoint (valid or not)."""
+    return d.is_dir() and any(d.iterdir())
+
+
+def checkpoint_problem(d: Path) -> str | None:
+    """None if the checkpoint in ``d`` is complete and self-consistent (the pointer's manifest
+    matches every file of its generation, and the trainer state is from the manifest's step);
+    else one line naming the file that is wrong."""
+    ptr = d / POINTER
+    if not ptr.exists():
+        if (d / "trainer_state.json").exists():
+            return f"checkpoint {d} has the old layout without a manifest and cannot be verified"
+        return f"checkpoint {d} has no {POINTER} (a kill before its first complete save)"
+    try:
+        manifest = json.loads(ptr.read_text())
+        gen = d / manifest["generation"]
+        files = manifest["files"]
+        step = int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"checkpoint pointer {ptr} is unreadable"
+    if _read_pointer(d) is None or not gen.is_dir():
+        return f"checkpoint pointer {ptr} names a missing generation {manifest.get('generation')!r}"
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        if name not in files:
+            return f"checkpoint manifest {ptr} lacks {name}"
+    for name, want in files.items():
+        f = gen / name
+        if not f.is_file():
+            return f"checkpoint file {f} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"checkpoint file {f} is {f.stat().st_size} bytes, its manifest says {want['size']} (truncated)"
+        if _sha256(f) != want["sha256"]:
+            return f"checkpoint file {f} does not match the SHA-256 in its manifest (corrupt)"
+    try:
+        doc_step = json.loads((gen / "trainer_state.json").read_text())["state"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"checkpoint file {gen / 'trainer_state.json'} is unreadable"
+    if doc_step != step:
+        return f"checkpoint file {gen / 'trainer_state.json'} is from step {doc_step}, its manifest says {step}"
+    return None
+
+
+def _remove_debris(d: Path, keep: str | None) -> None:
+    """Remove everything in the checkpoint folder but the pointer and generation ``keep``:
+    older generations, half-written ones and temporary files left by a kill."""
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name == keep or (keep is not None and p.name == POINTER):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _flatten_optimizer(opt) -> tuple[dict, dict]:

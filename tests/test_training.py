@@ -77,7 +77,8 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
         _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2)
     assert calls["n"] == 9  # the kill did happen, after 8 completed steps
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    ckpt = tmp_path / "b" / "checkpoint"
+    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
     assert state["state"]["step"] == 8 and state["state"]["epoch"] == 1  # mid-epoch checkpoint
     assert state["strategy"]["lo"] != 0.0 or state["strategy"]["hi"] != 1.0  # COSEE range after epoch 1
     resumed, _, res = _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
