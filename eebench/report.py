@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -279,14 +280,35 @@ def _label_names(results: list[CellResult]) -> list[str] | None:
 
 
 def load_results(results_dir: str | None, tracking_uri: str | None, task: str | None) -> list[CellResult]:
+    """Cell results from a folder (an unreadable cell is named on stderr and left out) or an
+    MLflow store (an unreachable one is one line naming it)."""
     if tracking_uri:
-        rs = results_from_mlflow(tracking_uri, task)
+        rs = _results_from_mlflow_or_say_why(tracking_uri, task)
     else:
         if not results_dir or not Path(results_dir).exists():
             raise EebenchError(f"results folder {results_dir} does not exist; pass --results DIR or --tracking-uri URI")
-        rs = find_results(results_dir)
+        skipped: list[tuple[Path, str]] = []
+        rs = find_results(results_dir, skipped)
+        for _, why in skipped:
+            print(f"warning: skipped {why}; rerun `eebench run` with this cell's settings to rebuild it",
+                  file=sys.stderr, flush=True)
     if task:
         rs = [r for r in rs if r.task == task]
     if not rs:
         raise EebenchError(f"no eebench results found in {tracking_uri or results_dir}" + (f" for task {task}" if task else ""))
     return rs
+
+
+def _results_from_mlflow_or_say_why(tracking_uri: str, task: str | None) -> list[CellResult]:
+    from eebench.tracking import Tracker
+
+    hint = "start it, or report from the local files with --results DIR"
+    if tracking_uri.startswith(("http://", "https://")) and not Tracker._reachable(tracking_uri):
+        raise EebenchError(f"MLflow tracking server {tracking_uri} is unreachable; {hint}")
+    try:
+        return results_from_mlflow(tracking_uri, task)
+    except EebenchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow raises many types (MlflowException, requests, sqlalchemy)
+        raise EebenchError(f"cannot read results from MLflow at {tracking_uri} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); {hint}") from None

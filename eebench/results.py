@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from eebench import __version__
+from eebench.errors import EebenchError
 from eebench.models import _atomic
 
 SCHEMA_VERSION = 1
@@ -71,18 +72,50 @@ class CellResult(BaseModel):
 
     @classmethod
     def from_disk(cls, path: str | Path) -> CellResult:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """The result at ``path``; UnreadableResult (naming the file) if it is missing,
+        truncated or not a cell result."""
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except OSError as e:
+            raise UnreadableResult(f"cell result {path} cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise UnreadableResult(f"cell result {path} is not text") from None
+        except json.JSONDecodeError as e:
+            raise UnreadableResult(f"cell result {path} is not valid JSON ({e.msg} at line {e.lineno}; "
+                                   "truncated?)") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise UnreadableResult(f"cell result {path} is not an eebench cell result ({loc}: {err['msg']})") from None
 
 
-def find_results(root: str | Path) -> list[CellResult]:
-    """Every cell result under ``root`` (a results folder, a task folder or one cell)."""
+class UnreadableResult(EebenchError):
+    """A result.json that is missing, truncated or not a cell result; the message names it."""
+
+
+def cell_dirs(root: str | Path) -> list[Path]:
+    """Cell folders under ``root`` (a results folder or a task folder), sorted. A cell folder
+    holds cell_config.json beside result.json (MLflow's artefact copies under mlartifacts/ do
+    not); trials of `eebench tune` (under <output>/tune/) are hyper-parameter probes, not method
+    results, and stay out unless their own folder is given."""
     root = Path(root)
-    # A cell folder holds cell_config.json beside result.json (MLflow's artefact copies do not);
-    # trials of `eebench tune` (under <output>/tune/) are hyper-parameter probes, not method
-    # results, and stay out of reports unless their own folder is given.
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(p for p in root.rglob("result.json") if (p.parent / "cell_config.json").exists()
-                       and "tune" not in p.relative_to(root).parts[:-2])
-    return [CellResult.from_disk(f) for f in files]
+    return sorted(p.parent for p in root.rglob("result.json") if (p.parent / "cell_config.json").exists()
+                  and "tune" not in p.relative_to(root).parts[:-2])
+
+
+def find_results(root: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[CellResult]:
+    """Every cell result under ``root`` (a results folder, a task folder or one cell). An
+    unreadable result raises UnreadableResult, or, when a ``skipped`` list is given, is
+    appended to it as (path, reason) and left out."""
+    root = Path(root)
+    files = [root] if root.is_file() else [d / "result.json" for d in cell_dirs(root)]
+    out = []
+    for f in files:
+        try:
+            out.append(CellResult.from_disk(f))
+        except UnreadableResult as e:
+            if skipped is None:
+                raise
+            skipped.append((f, str(e)))
+    return out
