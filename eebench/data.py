@@ -427,8 +427,10 @@ def _read_delimited(path: Path, fmt: FileFormat, kind: str, columns: dict[str, s
                         continue
                 if len(row) != width:
                     like = "the header" if fmt.header else f"line {first}"
+                    hint = ("quotes are literal: quoting is off" if quoting == "none"
+                            else "a field that contains the delimiter must be in double quotes")
                     raise EebenchError(f"{path}:{start}: {len(row)} {sep}-separated fields, expected {width} as on "
-                                       f"{like} (for TSV, quotes are literal: quoting is off)")
+                                       f"{like} ({hint})")
                 for k, i in idx.items():
                     out[k].append(row[i])
                 where.append(start)
@@ -490,6 +492,10 @@ def _read_file(path: Path, spec: TaskSpec, split: str) -> _Rows:
         raise EebenchError(f"{path}: cannot tell the file format from the suffix {path.suffix!r}; set format.type "
                            f"to one of tsv, csv, jsonl, parquet")
     columns = spec.columns(split)
+    only_delimited = sorted({"header", "delimiter", "quoting"} & fmt.model_fields_set)
+    if kind in ("jsonl", "parquet") and only_delimited:
+        raise EebenchError(f"{path}: format.{', format.'.join(only_delimited)} applies to csv and tsv files only; "
+                           f"remove it for this {kind} file (its columns are named by its keys)")
     if kind in ("tsv", "csv"):
         return _read_delimited(path, fmt, kind, columns)
     if kind == "jsonl":
