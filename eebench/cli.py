@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output folder)")
     r.add_argument("--no-mlflow", action="store_true", default=None, help="do not log to MLflow")
     r.add_argument("--num-thresholds", type=int, help="thresholds per signal sweep (default 100)")
+    r.add_argument("--keep-checkpoint", action="store_true", default=None,
+                   help="keep the optimiser checkpoint of finished cells (default: dropped; model/ and logits stay)")
     r.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where cells run: local (default) or ray (one Ray task per cell; pip install 'eebench[ray]')")
     from eebench.distributed import add_ray_arguments, add_tune_arguments
@@ -129,7 +131,7 @@ def cmd_run(args) -> None:
 
     keys = ["task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
             "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
-            "precision", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds"]
+            "precision", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds", "keep_checkpoint"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
     if args.executor == "ray":
         from eebench.distributed import cmd_run_ray
@@ -170,7 +172,16 @@ def cmd_sweep(args) -> None:
 def cmd_bench(args) -> None:
     from eebench.benchcmd import bench_cell
 
-    thresholds = [float(x) for x in _csv(args.thresholds)] if args.thresholds else None
+    for flag, v in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--threads", args.threads),
+                    ("--samples", args.samples)):
+        if v is not None and v < 1:
+            raise EebenchError(f"{flag} {v} is not allowed; give an integer >= 1")
+    if args.target_speedup is not None and not args.target_speedup >= 1:
+        raise EebenchError(f"--target-speedup {args.target_speedup} is not allowed; give a layer speed-up >= 1")
+    try:
+        thresholds = [float(x) for x in _csv(args.thresholds)] if args.thresholds else None
+    except ValueError:
+        raise EebenchError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
     bench_cell(args.cell, args.signal, thresholds, args.target_speedup, args.batch_size, args.repeats, args.threads,
                args.samples, args.tracking_uri, args.no_mlflow)
 

@@ -19,7 +19,6 @@ tracking URI need not be reachable from the workers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -178,14 +177,12 @@ def _as_driver(ctx: dict[str, Any], cpus: float) -> Iterator[None]:
 @contextlib.contextmanager
 def _cell_lock(cell_dir: Path) -> Iterator[None]:
     """One process at a time per cell folder (two trials may draw the same config): the second
-    waits and then finds the cell finished."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    with open(cell_dir / ".eebench.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    waits and then finds the cell finished. The runner's own lock (re-entrant, so that
+    ``run_cell`` inside takes it again at no cost)."""
+    from eebench.runner import cell_lock
+
+    with cell_lock(cell_dir):
+        yield
 
 
 def _worker_config(cfg_data: dict[str, Any], gpus: float):
@@ -207,7 +204,10 @@ def _needs_work(runner, method: str, seed: int, h: str) -> bool:
         return True
     from eebench.runner import signals_to_sweep
 
-    return bool(signals_to_sweep(CellResult.from_disk(p), runner.cfg.signals, runner.cfg.num_thresholds))
+    try:
+        return bool(signals_to_sweep(CellResult.from_disk(p), runner.cfg.signals, runner.cfg.num_thresholds))
+    except EebenchError:  # unreadable: run_cell sets it aside and trains the cell again
+        return True
 
 
 def _cell_task(cfg_data: dict, method: str, seed: int, cc: dict, h: str, ctx: dict, cpus: float,
@@ -279,6 +279,7 @@ def run_on_ray(cfg, opts: RayOptions | None = None, raise_on_error: bool = True)
     opts.check()
     _import_ray(opts.address, "--executor ray")
     runner = Runner(cfg)  # validates every name, opens the tracker; the driver trains nothing
+    runner.prepare()  # loads the data (its mistakes surface here) before anything is created
     cells = runner.cells()
     cfg_data = cfg.model_dump()
     cfg_data["output"] = str(Path(cfg.output).resolve())
@@ -737,6 +738,7 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
         raise EebenchError(f"the tune experiment {exp_dir} was started with other settings; give this search "
                            "another --name (or remove that folder)")
 
+    runner.prepare()  # loads the data (its mistakes surface here) before anything is created
     with ray_session(opts.address, opts.num_cpus, what="eebench tune") as ray:
         require_ray("eebench tune", tune=True)
         from ray import tune as rtune

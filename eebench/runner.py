@@ -8,12 +8,16 @@ checkpoint, and only sweeps signals that a finished cell has not been swept with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +28,7 @@ from pydantic import BaseModel, Field, field_validator
 from eebench.errors import EebenchError
 from eebench.exits import Sweep, predictions_at_exit, sweep
 from eebench.models import MultiExitConfig, MultiExitModel, _atomic, resolve_model
-from eebench.results import CellResult, SignalSweep
+from eebench.results import CellResult, SignalSweep, UnreadableResult
 from eebench.signals import get_signal
 from eebench.tracking import Tracker, default_tracking_uri
 
@@ -43,29 +47,30 @@ class RunConfig(BaseModel):
     signals: list[str] = Field(default_factory=lambda: ["energy", "entropy", "softmax", "patience"])
     model: str = "minilm-l6"
     seeds: list[int] = Field(default_factory=lambda: [42])
-    train_samples: int | None = None
+    train_samples: int | None = Field(default=None, ge=1)
     train_subset: Literal["random", "first"] = "random"  # seeded random rows, or the first N rows
-    eval_samples: int | None = None
-    max_seq_length: int = 128
-    epochs: int = 1
-    lr: float = 2e-5
-    head_lr: float | None = None
-    batch_size: int = 32
-    micro_batch_size: int | None = None
+    eval_samples: int | None = Field(default=None, ge=1)
+    max_seq_length: int = Field(default=128, ge=8)  # room for a pair's special tokens and some text
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=2e-5, gt=0)
+    head_lr: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    micro_batch_size: int | None = Field(default=None, ge=1)
     pooling: str | None = None
     final_pooling: str | None = None
-    num_layers: int | None = None
+    num_layers: int | None = Field(default=None, ge=1)
     device: str = "auto"
     precision: str = "fp32"
     group_by_length: bool = True
-    checkpoint_every: int = 50
+    checkpoint_every: int = Field(default=50, ge=0)
+    keep_checkpoint: bool = False  # keep the optimiser checkpoint of a finished cell
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     data_dir: str | None = None
     output: str = "runs"
     tracking_uri: str | None = None
     no_mlflow: bool = False
-    num_thresholds: int = 100
-    confirm_thresholds: int = 3
+    num_thresholds: int = Field(default=100, ge=1)
+    confirm_thresholds: int = Field(default=3, ge=0)
     progress: bool = True
 
     @field_validator("methods", "signals", mode="before")
@@ -168,7 +173,9 @@ def signals_to_sweep(result: CellResult, signals: list[str], num_thresholds: int
 
 
 def validate(cfg: RunConfig):
-    """Check every name before any work starts: exit code 2 with the known names."""
+    """Check every setting before any work starts (exit code 2 with the accepted values), and
+    create nothing: the output folder is only checked for being writable. ``Runner.prepare``
+    then loads the data before the first file is written."""
     from eebench.data import check_trainable, get_task
     from eebench.strategy import build_strategy, get_method
 
@@ -181,16 +188,91 @@ def validate(cfg: RunConfig):
         get_signal(s).check_task(spec.num_labels)
     if not cfg.seeds:
         raise EebenchError("--seeds is empty; give at least one seed, e.g. --seeds 42")
-    out = Path(cfg.output)
+    if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
+        raise EebenchError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise EebenchError(f"unknown precision {cfg.precision!r}; known: fp32, bf16, fp16")
+    for flag, v in (("--pooling", cfg.pooling), ("--final-pooling", cfg.final_pooling)):
+        if v is not None and v not in ("cls", "mean", "pooler"):
+            raise EebenchError(f"unknown {flag} {v!r}; known: cls, mean, pooler")
+    check_device(cfg.device)
+    check_model(cfg.model, cfg.num_layers)
+    check_writable(Path(cfg.output))
+    return spec
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` (when that GPU exists) or ``mps`` (when present)."""
+    from eebench.models import pick_device
+
+    known = "auto, cpu, cuda, cuda:N, mps"
+    if device == "auto":
+        return
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        dev = pick_device(device)
+    except EebenchError:
+        raise EebenchError(f"unknown device {device!r}; known: {known}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise EebenchError(f"device {device!r}: no CUDA GPU is visible; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise EebenchError(f"device {device!r}: only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise EebenchError(f"device {device!r}: MPS is not available on this machine; use --device cpu (or auto)")
+        return
+    raise EebenchError(f"unsupported device {device!r}; known: {known}")
+
+
+def backbone_layers(model: str) -> int | None:
+    """Layers of the backbone ``model`` from its config alone (no weights loaded); None when the
+    config cannot tell (the model constructor checks again)."""
+    from transformers import AutoConfig
+
+    path, _ = resolve_model(model)
+    try:
+        if (Path(path) / "backbone_config.json").exists():  # a saved eebench model
+            conf = json.loads((Path(path) / "backbone_config.json").read_text())
+            conf = AutoConfig.for_model(**conf)
+        else:
+            conf = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EebenchError(f"cannot load model {model!r}: {str(e).splitlines()[0][:200]}") from None
+    n = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layers", None)
+    return int(n) if n else None
+
+
+def check_model(model: str, num_layers: int | None) -> None:
+    total = backbone_layers(model)
+    if num_layers is not None and total is not None and not 1 <= num_layers <= total:
+        raise EebenchError(f"--num-layers {num_layers} is outside 1..{total} for model {model!r}")
+
+
+def check_writable(out: Path) -> None:
+    """``out`` exists as a writable folder or can be created (nothing is left behind)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
         # A probe of its own (not a fixed name): cells validating the same folder at once on Ray
         # must not delete each other's probe.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".eebench-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".eebench-write-test-"):
             pass
     except OSError as e:
         raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
-    return spec
+
+
+def create_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
 
 
 def summarize(sw: Sweep, scale: float = 1.0) -> dict[str, float]:
@@ -211,7 +293,6 @@ class Runner:
         self.cfg = cfg
         self.spec = validate(cfg)
         self.out = Path(cfg.output) / self.spec.name
-        self.out.mkdir(parents=True, exist_ok=True)
         uri = cfg.tracking_uri or default_tracking_uri(cfg.output)
         self.tracker = Tracker(uri, cfg.output, enabled=not cfg.no_mlflow)
         self._data = None
@@ -233,7 +314,10 @@ class Runner:
             else:
                 train_raw = subset(train_raw, self.cfg.train_samples, seed=0)
             dev_raw = subset(dev_raw, self.cfg.eval_samples, seed=0)
-            info = {"task_source": str(self.cfg.task), "train_rows": len(train_raw), "dev_rows": len(dev_raw), "train_fingerprint": data_fingerprint(train_raw),
+            task_file = Path(self.cfg.task).expanduser()
+            # A task YAML is recorded by its absolute path: sweep / bench run from anywhere.
+            source = str(task_file.resolve()) if self.spec.spec_file is not None and task_file.is_file() else str(self.cfg.task)
+            info = {"task_source": source, "train_rows": len(train_raw), "dev_rows": len(dev_raw), "train_fingerprint": data_fingerprint(train_raw),
                     "dev_fingerprint": data_fingerprint(dev_raw), "eval_split": self.spec.eval_split}
             self._raw = (train_raw, dev_raw, info)
         return self._raw
@@ -277,15 +361,27 @@ class Runner:
             self._cells = out
         return self._cells
 
+    def prepare(self) -> None:
+        """Load the tokenizer and the data (every mistake in them surfaces here), then create the
+        output folder: nothing is written before the whole run is known to be possible."""
+        self.data()
+        create_output(self.out)
+
     def run(self) -> list[CellResult]:
+        self.prepare()
         run_id = cell_hash({"cells": [c[3] for c in self.cells()], "signals": self.cfg.signals})
         parent = self.tracker.start_parent(
             self.spec.name, f"run-{run_id}", self.cfg.model_dump(exclude={"progress"}),
             {"eebench_run_id": run_id, "task": self.spec.name},
         )
         results = []
-        for method, seed, cc, h in self.cells():
-            results.append(self.run_cell(method, seed, cc, h, parent))
+        try:
+            for method, seed, cc, h in self.cells():
+                results.append(self.run_cell(method, seed, cc, h, parent))
+        except BaseException as e:
+            # Never leave the parent RUNNING for ever: KILLED on Ctrl-C, FAILED on an error.
+            self.tracker.finish(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         self.tracker.finish(parent)
         return results
 
@@ -293,26 +389,40 @@ class Runner:
         return self.out / f"{method}-s{seed}-{h}"
 
     def run_cell(self, method: str, seed: int, cc: dict, h: str, parent: str | None) -> CellResult:
+        """Train, resume or top up one cell, holding its lock: a second process on the same
+        output folder waits here and then finds the cell finished."""
         d = self.cell_dir(method, seed, h)
-        result_path = d / "result.json"
-        if result_path.exists():
-            result = CellResult.from_disk(result_path)
-            check_identity(d, result.config, cc)
-            missing = signals_to_sweep(result, self.cfg.signals, self.cfg.num_thresholds)
-            print(f"[{method} seed {seed}] finished earlier ({d.name}); "
-                  + (f"sweeping {', '.join(missing)}" if missing else "nothing to do"), flush=True)
-            if missing:
-                self.sweep_cell(d, result, missing)
-                result.mlflow_run_id = self.tracker.log_cell(result, parent, d) or result.mlflow_run_id
-                result.to_disk(result_path)
-            return result
-        if (d / "cell_config.json").exists():  # unfinished: resume only the same configuration
-            check_identity(d, json.loads((d / "cell_config.json").read_text()), cc)
-        return self.train_cell(method, seed, cc, h, d, parent)
+        with cell_lock(d, f"[{method} seed {seed}]"):
+            remove_temporaries(d)  # a killed writer's debris; nobody else writes here now
+            result_path = d / "result.json"
+            if result_path.exists():
+                try:
+                    result = CellResult.from_disk(result_path)
+                except UnreadableResult as e:
+                    aside = result_path.with_name(f"result.json.unreadable-{int(time.time())}")
+                    result_path.replace(aside)
+                    print(f"warning: [{method} seed {seed}] {e}; moved it to {aside.name} and training the cell again",
+                          flush=True)
+                else:
+                    check_identity(d, result.config, cc)
+                    return self._top_up(method, seed, d, result, parent)
+            if (d / "cell_config.json").exists():  # unfinished: resume only the same configuration
+                check_identity(d, json.loads((d / "cell_config.json").read_text()), cc)
+            return self.train_cell(method, seed, cc, h, d, parent)
+
+    def _top_up(self, method: str, seed: int, d: Path, result: CellResult, parent: str | None) -> CellResult:
+        missing = signals_to_sweep(result, self.cfg.signals, self.cfg.num_thresholds)
+        print(f"[{method} seed {seed}] finished earlier ({d.name}); "
+              + (f"sweeping {', '.join(missing)}" if missing else "nothing to do"), flush=True)
+        if missing:
+            self.sweep_cell(d, result, missing)
+            result.mlflow_run_id = self.tracker.log_cell(result, parent, d) or result.mlflow_run_id
+            result.to_disk(d / "result.json")
+        return result
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
         from eebench.strategy import build_strategy
-        from eebench.training import TrainConfig, Trainer, collapsed_layers, seed_everything
+        from eebench.training import TrainConfig, Trainer, collapsed_layers, has_checkpoint, seed_everything
 
         cfg = self.cfg
         train_ds, dev_ds, tok, info = self.data()
@@ -334,7 +444,7 @@ class Runner:
                            micro_batch_size=cfg.micro_batch_size, seed=seed, device=cfg.device, precision=cfg.precision,
                            checkpoint_every=cfg.checkpoint_every, group_by_length=cfg.group_by_length,
                            progress=cfg.progress)
-        resuming = (d / "checkpoint" / "trainer_state.json").exists()
+        resuming = has_checkpoint(d / "checkpoint")  # the trainer verifies it before resuming
         print(f"[{method} seed {seed}] {'resuming' if resuming else 'training'} in {d}", flush=True)
         t0 = time.perf_counter()
         on_epoch = (lambda n, entry: self.epoch_hook(model, n, entry)) if self.epoch_hook else None
@@ -380,16 +490,17 @@ class Runner:
         self.sweep_cell(d, result, self.cfg.signals, model=model, dev_ds=dev_ds, tok=tok)
         result.mlflow_run_id = self.tracker.log_cell(result, parent, d)
         result.to_disk(d / "result.json")  # written last: marks the cell finished
+        if not cfg.keep_checkpoint:
+            # The model and the cached logits are all a finished cell needs (sweep, bench,
+            # report); the optimiser state is several times the model's size.
+            shutil.rmtree(d / "checkpoint", ignore_errors=True)
         _print_cell(result)
         return result
 
     def sweep_cell(self, d: Path, result: CellResult, signals: list[str], model=None, dev_ds=None, tok=None) -> None:
         """Sweep signals over the cell's cached dev logits; confirm a few thresholds with true
         early-exit inference."""
-        from safetensors.torch import load_file
-
-        cached = load_file(d / "dev_logits.safetensors")
-        logits, labels = cached["logits"], cached["labels"]
+        logits, labels = self.dev_logits(d, result)
         scale = result.model["backbone_layers"] / result.model["num_layers"]
         metrics = tuple([self.spec.main_metric] + [m for m in self.spec.metrics if m != self.spec.main_metric])
         trains_exits = result.method != "final-only"
@@ -414,6 +525,55 @@ class Runner:
                                            dis=[None if math.isnan(x) else x for x in sw.dis])
             result.timings[f"sweep_{s}_s"] = t_sweep
         record_exactness(result)
+
+    def dev_logits(self, d: Path, result: CellResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cell's cached dev logits; when the cache is missing or unreadable, collected again
+        from the saved model on the same dev rows (checked by fingerprint) and cached anew."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save_file
+
+        path = d / "dev_logits.safetensors"
+        why = "is missing"
+        if path.exists():
+            try:
+                cached = load_file(path)
+                return cached["logits"], cached["labels"]
+            except (SafetensorError, OSError, KeyError) as e:
+                why = f"is unreadable ({str(e).splitlines()[0][:120]})"
+        redo = "rerun `eebench run` with this cell's settings to train it again"
+        try:
+            model = MultiExitModel.load(d / "model")
+        except (EebenchError, OSError, ValueError) as e:
+            raise EebenchError(f"{path} {why} and the saved model cannot be loaded to collect it again "
+                               f"({str(e).splitlines()[0][:120]}); {redo}") from None
+        dev_ds, tok = self.dev_data(result)
+        from eebench.training import collect_logits
+
+        print(f"[{result.method} seed {result.seed}] {path} {why}: collecting the dev logits again from model/",
+              flush=True)
+        logits, labels = collect_logits(model, dev_ds, tok, 64, torch.device("cpu"))
+        _atomic(path, lambda p: save_file({"logits": logits, "labels": labels}, p))
+        return logits, labels
+
+    def dev_data(self, result: CellResult):
+        """The tokenised dev rows a finished cell was evaluated on (and the tokenizer), checked
+        against the fingerprint in its result."""
+        from transformers import AutoTokenizer
+
+        from eebench.data import data_fingerprint, load_task, subset, tokenize
+
+        path, _ = resolve_model(result.config["model"])
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except OSError as e:
+            raise EebenchError(f"cannot load the tokenizer of model {result.config['model']!r}: {str(e).splitlines()[0]}") from None
+        task = result.data.get("task_source", result.task)
+        raw = subset(load_task(task, self.spec.eval_split, data_dir=self.cfg.data_dir), result.data.get("dev_rows"), seed=0)
+        want = result.data.get("dev_fingerprint")
+        if want is not None and data_fingerprint(raw) != want:
+            raise EebenchError(f"the dev data of task {task!r} changed since cell {result.cell_id} was trained (fingerprint "
+                               f"{data_fingerprint(raw)} != {want}); its dev logits cannot be collected again")
+        return tokenize(raw, tok, self.spec, result.config.get("max_seq_length", self.cfg.max_seq_length)), tok
 
     def confirm(self, d: Path, sw: Sweep, logits, signal: str, model, dev_ds, tok) -> list[dict]:
         """True layer-by-layer inference at a few thresholds must match the simulation."""
@@ -529,8 +689,11 @@ def run_config_from(args: dict[str, Any], config_file: str | None, overrides: li
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         known = ", ".join(RunConfig.model_fields)
-        hint = f"; known keys: {known}" if err["type"] == "extra_forbidden" else ""
-        raise EebenchError(f"bad config value for {loc!r}: {err['msg']}{hint}") from None
+        if err["type"] == "extra_forbidden":
+            raise EebenchError(f"bad config value for {loc!r}: {err['msg']}; known keys: {known}") from None
+        name = str(err["loc"][0]) if err["loc"] else loc
+        flag = f"--{name.replace('_', '-')} ({name})" if name in RunConfig.model_fields else repr(loc)
+        raise EebenchError(f"bad value {err.get('input')!r} for {flag}: {err['msg']}") from None
 
 
 def list_recipes() -> dict[str, str]:
@@ -574,31 +737,88 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
 
 def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int = 100, tracking_uri: str | None = None,
                 no_mlflow: bool = False) -> list[CellResult]:
-    """``eebench sweep``: sweep saved cells with other signals, no retraining (from cached logits)."""
+    """``eebench sweep``: sweep saved cells with other signals, no retraining (from cached logits).
+    A cell whose result cannot be read is named and skipped (an error if it is the only one)."""
     from eebench.data import get_task
+    from eebench.results import cell_dirs
 
-    paths = [Path(results_dir)] if (Path(results_dir) / "result.json").exists() else sorted(
-        p.parent for p in Path(results_dir).rglob("result.json"))
+    if num_thresholds < 1:
+        raise EebenchError(f"--num-thresholds {num_thresholds} is not allowed; give an integer >= 1")
+    root = Path(results_dir)
+    single = (root / "result.json").exists()
+    paths = [root] if single else cell_dirs(root)
     if not paths:
         raise EebenchError(f"no eebench results (result.json) under {results_dir}")
     out = []
     for d in paths:
-        result = CellResult.from_disk(d / "result.json")
-        task = result.data.get("task_source", result.task)  # a custom task is known by its YAML path
-        spec = get_task(task)
-        for s in signals:
-            get_signal(s).check_task(spec.num_labels)
-        root = d.parent.parent
-        cfg = RunConfig(task=task, model=result.config["model"], output=str(root), tracking_uri=tracking_uri,
-                        no_mlflow=no_mlflow, num_thresholds=num_thresholds, confirm_thresholds=0, methods=[result.method],
-                        signals=signals)
-        runner = Runner(cfg)
-        runner.sweep_cell(d, result, signals)
-        result.mlflow_run_id = runner.tracker.log_cell(result, None, d) or result.mlflow_run_id
-        result.to_disk(d / "result.json")
+        with cell_lock(d, f"[{d.name}]"):
+            try:
+                result = CellResult.from_disk(d / "result.json")
+            except UnreadableResult as e:
+                if single:
+                    raise EebenchError(f"{e}; rerun `eebench run` with this cell's settings to rebuild it") from None
+                print(f"warning: skipped {e}; rerun `eebench run` with this cell's settings to rebuild it",
+                      file=sys.stderr, flush=True)
+                continue
+            task = result.data.get("task_source", result.task)  # a custom task is known by its YAML path
+            spec = get_task(task)
+            for s in signals:
+                get_signal(s).check_task(spec.num_labels)
+            cfg = RunConfig(task=task, model=result.config["model"], output=str(d.parent.parent),
+                            tracking_uri=tracking_uri, no_mlflow=no_mlflow, num_thresholds=num_thresholds,
+                            confirm_thresholds=0, methods=[result.method], signals=signals)
+            runner = Runner(cfg)
+            runner.sweep_cell(d, result, signals)
+            result.mlflow_run_id = runner.tracker.log_cell(result, None, d) or result.mlflow_run_id
+            result.to_disk(d / "result.json")
         _print_cell(result)
         out.append(result)
+    if not out:
+        raise EebenchError(f"no readable eebench results under {results_dir}")
     return out
+
+
+# --------------------------------------------------------------------------- cell locks
+_HELD: dict[Path, list] = {}
+
+
+@contextlib.contextmanager
+def cell_lock(d: Path, who: str = "") -> Iterator[None]:
+    """Hold the lock of cell folder ``d`` (an OS lock on ``d/.eebench.lock``: released by the
+    kernel when the holder dies, even by kill -9). A second process waits, saying so once.
+    Re-entrant within one process."""
+    from filelock import FileLock, Timeout
+
+    key = d.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(d / ".eebench.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"{who} waiting: another eebench process is working on {d} (lock {d / '.eebench.lock'})".strip(),
+              flush=True)
+        lock.acquire()
+    _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        lock.release()
+
+
+def remove_temporaries(d: Path) -> None:
+    """Delete the temporary files of atomic writes (``.<name>.<random>.tmp``) that a killed
+    process left in a cell folder; call only while holding the cell's lock."""
+    for p in d.rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 __all__ = ["RunConfig", "Runner", "run_config_from", "sweep_saved", "cell_hash", "asdict"]
