@@ -440,3 +440,20 @@ def test_header_is_refused_for_jsonl(tmp_path):
     # without the key it loads
     (d / "t.yaml").write_text((d / "t.yaml").read_text().replace("header: true, ", ""))
     assert len(load_task(str(d / "t.yaml"), "train")) == 2
+
+
+def test_interrupted_run_does_not_leave_its_parent_run_running(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
+    import mlflow
+
+    import eebench.runner as runner
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "sweep_cell", die)
+    out = tmp_path / "runs"
+    assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy")) == 130
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eebench-toy"], output_format="pandas")
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()] if "tags.mlflow.parentRunId" in runs else runs
+    assert list(parents["status"]) == ["KILLED"]
