@@ -688,7 +688,7 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
     """``eebench tune``: Ray Tune over ``grid``; each trial is one eebench cell and an MLflow child
     run of the tune run. Prints and saves the table of all trials and the best config; the same
     command (or ``resume=True``) resumes an interrupted search."""
-    from eebench.runner import Runner, cell_hash
+    from eebench.runner import Runner, cell_hash, create_output
     from eebench.signals import get_signal
     from eebench.strategy import build_strategy, get_method
 
@@ -738,7 +738,8 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
         raise EebenchError(f"the tune experiment {exp_dir} was started with other settings; give this search "
                            "another --name (or remove that folder)")
 
-    runner.prepare()  # loads the data (its mistakes surface here) before anything is created
+    runner.data()  # loads the data (its mistakes surface here) before anything is created
+    create_output(Path(cfg.output))
     with ray_session(opts.address, opts.num_cpus, what="eebench tune") as ray:
         require_ray("eebench tune", tune=True)
         from ray import tune as rtune
