@@ -93,7 +93,7 @@ class RunConfig(BaseModel):
 #: for the data wherever it was read from). Every other key, present or future, is identity.
 NOT_IDENTITY = frozenset({
     "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
-    "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress",
+    "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress", "keep_checkpoint",
 })
 
 
