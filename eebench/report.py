@@ -112,8 +112,10 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
             ax.plot(xs, ys, marker="o", markersize=2.5, linestyle="none", color=colour)
         if bands and label in bands:
             bx, lo, hi = bands[label]
-            if len(bx) > 1:
-                ax.fill_between(bx, lo, hi, step="pre", color=colour, alpha=0.12, linewidth=0)
+            if len(bx) > 1:  # the same staircase as the curve: flat from 1.0x to the first point
+                start = [min(1.0, bx[0])]
+                ax.fill_between(start + list(bx), lo[:1] + list(lo), hi[:1] + list(hi), step="pre", color=colour,
+                                alpha=0.12, linewidth=0)
         full = full_model_point(sw, metric)
         if full is not None:
             ax.plot([1.0], [full], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black",
@@ -132,19 +134,24 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
     return path
 
 
-def seed_summary(results: list[CellResult], signal: str, digits: int = 4) -> pd.DataFrame:
+def seed_summary(results: list[CellResult], signal: str, digits: int | None = 4) -> pd.DataFrame:
     """Per method: the number of seeds and the mean / std over seeds of every summary of one
     signal's sweep (``<metric>_at_<x>x``, ``auc``, ``best``; an unreached speed-up counts as missing,
-    so its mean is over the seeds that reached it and ``<key>_n`` says how many did)."""
+    so its mean is over the seeds that reached it and ``<key>_n`` says how many did); rounded to
+    ``digits`` unless None."""
     rows = []
+
+    def rnd(x: float) -> float:
+        return float(x) if digits is None else round(float(x), digits)
+
     for m in sorted({r.method for r in results if signal in r.sweeps}, key=_method_order):
         rs = [r for r in results if r.method == m and signal in r.sweeps]
         row: dict[str, object] = {"method": m, "seeds": len(rs)}
         keys = list(dict.fromkeys(k for r in rs for k in r.sweeps[signal].summary))
         for k in keys:
             xs = pd.Series([r.sweeps[signal].summary.get(k) for r in rs], dtype="float64").dropna()
-            row[f"{k}_mean"] = round(float(xs.mean()), digits) if len(xs) else None
-            row[f"{k}_std"] = round(float(xs.std(ddof=1)), digits) if len(xs) > 1 else None
+            row[f"{k}_mean"] = rnd(xs.mean()) if len(xs) else None
+            row[f"{k}_std"] = rnd(xs.std(ddof=1)) if len(xs) > 1 else None
             if len(xs) != len(rs):
                 row[f"{k}_n"] = len(xs)
         rows.append(row)
@@ -235,7 +242,9 @@ def render(df: pd.DataFrame, fmt: str) -> str:
 
 
 def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[CellResult]:
-    """Cell results logged to MLflow (the result.json artefact of every child run)."""
+    """Cell results logged to MLflow (the result.json artefact of every child run), each cell once:
+    every command logs the cells it covered under its own parent, so a cell reused by several runs
+    has several child runs; the newest has every sweep the cell has."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -243,9 +252,14 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
             and (task is None or e.name == f"eebench-{task}")]
     out = []
     for e in exps:
-        for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''"):
+        seen: set[str] = set()
+        for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''",
+                                      order_by=["attributes.start_time DESC"], max_results=50000):
             if run.data.tags.get("eebench_tune"):  # tune trials are not method results
                 continue
+            if run.data.tags["eebench_cell_id"] in seen:
+                continue
+            seen.add(run.data.tags["eebench_cell_id"])
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:

@@ -49,7 +49,7 @@ class CellResult(BaseModel):
     seed: int
     config: dict[str, Any]  # the full cell config (everything that was hashed)
     data: dict[str, Any]  # fingerprints and row counts
-    # run settings that do not change the trained weights: eval subset, thresholds, batching, device
+    # run settings that do not change the trained weights: eval subset, thresholds, batching
     settings: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any]  # backbone, pooling, head lr, layers
     training: dict[str, Any]  # per-epoch history, steps, seconds

@@ -279,11 +279,11 @@ class Runner:
 
     def settings(self) -> dict[str, Any]:
         """Run settings that do not change a cell's weights but do its numbers or cost (recorded in
-        the result JSON and as MLflow params)."""
+        the result JSON and as MLflow params; the device used is in the result's ``model``)."""
         c = self.cfg
         return {"eval_samples": c.eval_samples, "num_thresholds": c.num_thresholds,
                 "confirm_thresholds": c.confirm_thresholds, "micro_batch_size": c.micro_batch_size,
-                "group_by_length": c.group_by_length, "device": c.device}
+                "group_by_length": c.group_by_length}
 
     def open_parent(self, kind: str = "run") -> str | None:
         """This command's parent run (a new one every time: its children are the cells it covers)."""

@@ -64,12 +64,14 @@ def _short(v: Any) -> str:
 def cell_params(config: dict, settings: dict, data: dict, model: dict) -> dict[str, Any]:
     """A child run's params, one name per meaning: the cell config with ``pooling``,
     ``final_pooling`` and ``head_lr`` as actually used (not the ``None`` that means "default"),
-    the run settings that do not change the weights (eval subset, thresholds, batching) and the
-    data's row counts and fingerprints."""
+    the device used, the run settings that do not change the weights (eval subset, thresholds,
+    batching) and the data's row counts and fingerprints."""
     p = {k: v for k, v in config.items() if k not in ("pooling", "final_pooling", "head_lr")}
     p["pooling"] = model.get("pooling", config.get("pooling"))
     p["final_pooling"] = model.get("final_pooling", config.get("final_pooling"))
     p["head_lr"] = model.get("head_lr", config.get("head_lr"))
+    if "device" in model:
+        p["device"] = model["device"]
     p.update(settings)
     p.update({k: data[k] for k in ("train_rows", "dev_rows", "train_fingerprint", "dev_fingerprint", "eval_split")
               if k in data})
@@ -335,7 +337,7 @@ class Tracker:
                     csv = Path(tmp) / f"summary_{signal}.csv"
                     table.to_csv(csv, index=False)
                     self.client.log_artifact(parent_id, str(csv))
-                    for row in table.to_dict("records"):
+                    for row in seed_summary(results, signal, digits=None).to_dict("records"):  # unrounded
                         metrics += [Metric(f"{row['method']}/{signal}_{k.removesuffix('_mean')}", float(v), ts, 0)
                                     for k, v in row.items() if k.endswith("_mean") and v is not None and v == v]
                     curves, bands = {}, {}
