@@ -387,7 +387,7 @@ class Runner:
         child = self.tracker.open_cell(self.spec.name, parent, cc, settings, info, model_info, h)
         try:
             result = self._train_and_sweep(method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds,
-                                           tok, info, model_info, settings, resuming, t0)
+                                           tok, info, model_info, settings, resuming, t0, protocol)
             for n, entry in enumerate(result.training["history"], start=1):  # epochs of an earlier process
                 if n not in logged:
                     self.tracker.log_epoch(child, n, entry)
@@ -403,7 +403,7 @@ class Runner:
         return result
 
     def _train_and_sweep(self, method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds, tok, info,
-                         model_info, settings, resuming, t0) -> CellResult:
+                         model_info, settings, resuming, t0, protocol) -> CellResult:
         from eebench.training import collapsed_layers
 
         tr = trainer.train(train_ds, dev_ds, resume=resuming)

@@ -33,8 +33,8 @@ log = logging.getLogger("eebench")
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 # Cell-config keys shown in a child's run name when they differ from `eebench run`'s defaults.
-_NAMED_KEYS = ("train_samples", "train_subset", "max_seq_length", "epochs", "lr", "head_lr", "batch_size", "pooling",
-               "final_pooling", "num_layers", "precision")
+_NAMED_KEYS = ("train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs", "lr", "batch_size",
+               "precision", "group_by_length")
 
 
 def default_tracking_uri(output: str | Path) -> str:
@@ -79,21 +79,37 @@ def cell_params(config: dict, settings: dict, data: dict, model: dict) -> dict[s
 
 
 def cell_run_name(config: dict, settings: dict | None = None) -> str:
-    """``<method>-s<seed>`` plus every setting that differs from ``eebench run``'s defaults
-    (cell config, method hyper-parameters, an eval subset), e.g. ``cosee-s42 lr=3e-05 alpha=0.01``."""
+    """``<method>-s<seed>`` plus every setting that differs from what ``eebench run`` would use by
+    default (a resolved value counts as default when it is what the default resolves to: head lr =
+    lr, micro-batch = batch, the backbone's recommended pooling, all layers), and every method
+    hyper-parameter off its default, e.g. ``cosee-s42 lr=3e-05 alpha=0.01``."""
+    from eebench.models import resolve_model
     from eebench.runner import RunConfig
     from eebench.strategy import get_method
 
     defaults = RunConfig()
-    parts = [f"{config['method']}-s{config['seed']}"]
-    parts += [f"{k}={_short(config[k])}" for k in _NAMED_KEYS if k in config and config[k] != getattr(defaults, k)]
+    c = {**(settings or {}), **config}
+    parts = [f"{c['method']}-s{c['seed']}"]
+    parts += [f"{k}={_short(c[k])}" for k in _NAMED_KEYS if k in c and c[k] != getattr(defaults, k)]
+    if c.get("head_lr") not in (None, c.get("lr")):
+        parts.append(f"head_lr={_short(c['head_lr'])}")
+    if c.get("micro_batch_size") not in (None, c.get("batch_size")):
+        parts.append(f"micro_batch_size={c['micro_batch_size']}")
     try:
-        mdefaults = get_method(config["method"]).defaults
+        recommended = resolve_model(str(c.get("model", defaults.model)))[1]
+    except Exception:  # noqa: BLE001 - a model that cannot be resolved here: show any pooling given
+        recommended = None
+    if c.get("pooling") not in (None, recommended):
+        parts.append(f"pooling={c['pooling']}")
+    if c.get("final_pooling") not in (None, c.get("pooling")):
+        parts.append(f"final_pooling={c['final_pooling']}")
+    if c.get("num_layers") not in (None, c.get("backbone_layers")):
+        parts.append(f"num_layers={c['num_layers']}")
+    try:
+        mdefaults = get_method(c["method"]).defaults
     except Exception:  # noqa: BLE001 - an unknown (e.g. removed) method just shows all its params
         mdefaults = {}
-    parts += [f"{k}={_short(v)}" for k, v in (config.get("method_params") or {}).items() if mdefaults.get(k) != v]
-    if (settings or {}).get("eval_samples") is not None:
-        parts.append(f"eval_samples={settings['eval_samples']}")
+    parts += [f"{k}={_short(v)}" for k, v in (c.get("method_params") or {}).items() if mdefaults.get(k) != v]
     return " ".join(parts)
 
 
