@@ -1,4 +1,4 @@
-"""The ``eebench`` command line: run, sweep, bench, report, list.
+"""The ``eebench`` command line: run, sweep, log, bench, report, tune, list.
 
 Expected mistakes (unknown names, bad files, bad values) print one line and exit with code 2.
 """
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="also write tables, plots and the analysis figures (PNG + CSV) into this folder")
     rep.add_argument("--log-mlflow", metavar="URI",
                      help="log the files written under --out to a 'report' run in this MLflow store")
+
+    lg = sub.add_parser("log", help="log finished results to an MLflow store (a parent per task, a child per cell)")
+    lg.add_argument("results", help="a results folder, a task folder or one cell folder")
+    lg.add_argument("--tracking-uri", required=True, help="e.g. http://127.0.0.1:5000 or sqlite:///runs/mlflow.db")
+    lg.add_argument("--task", help="only this task")
 
     b = sub.add_parser("bench", help="wall-clock latency / throughput of true early exit for a trained cell")
     b.add_argument("cell", help="a cell folder (containing result.json and model/)")
@@ -169,6 +174,30 @@ def cmd_sweep(args) -> None:
     sweep_saved(args.results, signals, args.num_thresholds, args.tracking_uri, args.no_mlflow)
 
 
+def cmd_log(args) -> None:
+    from pathlib import Path
+
+    from eebench.errors import EebenchError
+    from eebench.results import find_results
+    from eebench.tracking import Tracker, log_results
+
+    root = Path(args.results)
+    if not root.exists():
+        raise EebenchError(f"results folder {root} does not exist")
+    results = [r for r in find_results(root) if args.task is None or r.task == args.task]
+    if not results:
+        raise EebenchError(f"no eebench results (result.json) under {root}" + (f" for task {args.task}" if args.task else ""))
+    tracker = Tracker(args.tracking_uri, root)
+    if not tracker.enabled:
+        raise EebenchError(f"MLflow tracking server {args.tracking_uri} is unreachable; start it or pass another --tracking-uri")
+    lines = log_results(tracker, results, [root] * len(results), "log", {"results": str(root.resolve())})
+    if not tracker.enabled:
+        raise EebenchError(f"logging to {args.tracking_uri} failed; nothing else was changed")
+    print(f"logged {len(results)} cell(s) to {args.tracking_uri}")
+    for line in lines:
+        print(line)
+
+
 def cmd_bench(args) -> None:
     from eebench.benchcmd import bench_cell
 
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"list": lambda: cmd_list(), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
-         "sweep": lambda: cmd_sweep(args), "bench": lambda: cmd_bench(args), "tune": lambda: cmd_tune(args)}[args.command]()
+         "sweep": lambda: cmd_sweep(args), "log": lambda: cmd_log(args), "bench": lambda: cmd_bench(args), "tune": lambda: cmd_tune(args)}[args.command]()
     except EebenchError as e:
         print(f"eebench: error: {e}", file=sys.stderr)
         return 2

@@ -273,7 +273,7 @@ def run_on_ray(cfg, opts: RayOptions | None = None, raise_on_error: bool = True)
     """``eebench run --executor ray``: every (method, seed) cell as one Ray task with its resource
     request; results JSON and MLflow runs as with the local executor. Outcomes in cell order;
     with ``raise_on_error`` a failed cell raises CellsFailed once all others are done."""
-    from eebench.runner import Runner, cell_hash
+    from eebench.runner import Runner
 
     opts = opts or RayOptions()
     opts.check()
@@ -288,11 +288,7 @@ def run_on_ray(cfg, opts: RayOptions | None = None, raise_on_error: bool = True)
     ctx = _driver_context()
     with ray_session(opts.address, opts.num_cpus) as ray:
         _check_fits(ray, opts, started=opts.address is None)
-        run_id = cell_hash({"cells": [c[3] for c in cells], "signals": cfg.signals})
-        parent = runner.tracker.start_parent(
-            runner.spec.name, f"run-{run_id}", cfg.model_dump(exclude={"progress"}),
-            {"eebench_run_id": run_id, "task": runner.spec.name},
-        )
+        parent = runner.open_parent()
         task = ray.remote(_cell_task)
         refs = {}
         for method, seed, cc, h in cells:
@@ -311,11 +307,11 @@ def run_on_ray(cfg, opts: RayOptions | None = None, raise_on_error: bool = True)
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            runner.tracker.finish(parent, "KILLED")
+            runner.close_parent(parent, [o.result for o in refs.values() if o.result], "KILLED")
             raise
         outcomes = list(refs.values())
         failed = [o for o in outcomes if o.error]
-        runner.tracker.finish(parent, "FAILED" if failed else "FINISHED")
+        runner.close_parent(parent, [o.result for o in outcomes if o.result], "FAILED" if failed else "FINISHED")
     if failed and raise_on_error:
         what = "; ".join(f"[{o.method} seed {o.seed}] {o.error}" for o in failed)
         raise CellsFailed(f"{len(failed)} of {len(outcomes)} cell(s) failed on Ray: {what} (finished cells are kept; "
@@ -338,11 +334,13 @@ def _collect(ray, ref, out: CellOutcome, runner, parent: str | None) -> None:
         return
     result: CellResult = got["result"]
     out.result, out.start, out.end, out.node, out.pid = result, got["start"], got["end"], got["node"], got["pid"]
-    if got["worked"] or result.mlflow_run_id is None:
-        run_id = runner.tracker.log_cell(result, parent, out.cell_dir)
-        if run_id and run_id != result.mlflow_run_id:
-            result.mlflow_run_id = run_id
-            result.to_disk(out.cell_dir / "result.json")
+    # Every cell this command covered is a child of its parent; workers do not log, so the child
+    # is created here, spanning the task's wall-clock time on its worker.
+    run_id = runner.tracker.log_cell(result, parent, out.cell_dir, reused=not got["worked"],
+                                     start_time=int(got["start"] * 1000), end_time=int(got["end"] * 1000))
+    if run_id and (got["worked"] or result.mlflow_run_id is None):
+        result.mlflow_run_id = run_id
+        result.to_disk(out.cell_dir / "result.json")
 
 
 def _error_text(e: BaseException) -> str:
@@ -750,7 +748,7 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
             runner.spec.name, f"tune-{name}",
             {"method": method, "space": {k: v.get("values", v.get("range")) for k, v in space.items()}, "search": search,
              "samples": samples, "objective": label, "signal": signal or "(training signal)", "base": base_cc},
-            {"eebench_run_id": f"tune-{name}", "task": runner.spec.name, "eebench_kind": "tune"},
+            {"eebench_run_id": f"tune-{name}", "task": runner.spec.name, "eebench_kind": "tune"}, reuse=True,
         )
         mlf = TrialMlflow(tracker.uri, str(cfg.output), tracker.enabled, parent, runner.spec.name, name, method, label, search)
         trainable = rtune.with_resources(

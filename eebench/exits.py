@@ -94,6 +94,30 @@ def metric_at_speedup(speedups, scores, target: float) -> float:
     return float(v[ok].max()) if ok.any() else float("nan")
 
 
+def front_staircase(speedups, scores, grid) -> torch.Tensor:
+    """The staircase the summaries use, "best score at speed-up >= x", at every x of ``grid``
+    (NaN where no point is that fast): ``metric_at_speedup`` vectorised over targets."""
+    s = torch.as_tensor(speedups, dtype=torch.float64)
+    v = torch.as_tensor(scores, dtype=torch.float64)
+    g = torch.as_tensor(grid, dtype=torch.float64)
+    ok = s[None, :] >= g[:, None] - 1e-9  # [G, P]
+    best = torch.where(ok, v[None, :], torch.full_like(ok, -torch.inf, dtype=torch.float64)).max(dim=1).values
+    return torch.where(ok.any(dim=1), best, torch.full_like(best, torch.nan))
+
+
+def mean_front(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Seeds aggregated: the mean (and min, max) over curves of their staircases, at every speed-up
+    where one of them changes, up to the fastest speed-up that *every* curve reaches (beyond it a
+    mean would silently drop seeds). Returns (speedups, mean, min, max), speed-up ascending."""
+    grid = sorted({float(x) for s, _ in curves for x in s})
+    if not grid:
+        return [], [], [], []
+    stairs = torch.stack([front_staircase(s, v, grid) for s, v in curves])  # [K, G]
+    keep = ~stairs.isnan().any(dim=0)
+    stairs, g = stairs[:, keep], torch.tensor(grid, dtype=torch.float64)[keep]
+    return g.tolist(), stairs.mean(0).tolist(), stairs.min(0).values.tolist(), stairs.max(0).values.tolist()
+
+
 def area_under_front(speedups, scores, num_layers: int) -> float:
     """Area under the staircase "best score at speed-up >= s" for s in [1, M], divided by M - 1:
     a score-weighted mean over the whole range of possible speed-ups (unreached speed-ups count 0)."""

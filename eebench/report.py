@@ -17,14 +17,33 @@ from eebench.results import CellResult, SignalSweep, find_results
 ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
 
 
-def sweep_frame(sw: SignalSweep) -> pd.DataFrame:
+def sweep_frame(sw: SignalSweep, digits: int = 4) -> pd.DataFrame:
+    """One row per threshold, readable: the metric columns first, then speed-up, threshold,
+    Pareto flag, the premature / delayed rates and the exit counts per layer; floats rounded
+    (thresholds to 6 significant digits, since energies can be tiny). ``layer_speedup`` only
+    appears when it differs from ``speedup`` (budget exiting with --num-layers)."""
     rows = []
     for p in sw.points:
         r = {k: v for k, v in p.items() if k != "exit_counts"}
         for m, c in enumerate(p["exit_counts"], start=1):
             r[f"exits_layer{m}"] = c
         rows.append(r)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    if "layer_speedup" in df and (df["layer_speedup"] - df["speedup"]).abs().max() < 1e-12:
+        df = df.drop(columns="layer_speedup")
+    fixed = ["threshold", "speedup", "layer_speedup", "pareto", "premature_rate", "delayed_rate"]
+    metrics = [c for c in df.columns if c not in fixed and not c.startswith("exits_layer")]
+    order = metrics + [c for c in ["speedup", "layer_speedup", "threshold", "pareto", "premature_rate", "delayed_rate"]
+                       if c in df] + [c for c in df.columns if c.startswith("exits_layer")]
+    df = df[order]
+    for c in df.columns:
+        if c == "threshold":
+            df[c] = [float(f"{x:.6g}") for x in df[c]]
+        elif df[c].dtype.kind == "f":
+            df[c] = df[c].round(digits)
+    return df
 
 
 def _front(sw: SignalSweep, metric: str) -> tuple[list[float], list[float]]:
@@ -32,8 +51,34 @@ def _front(sw: SignalSweep, metric: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy") -> Path:
-    """One step curve per label (its Pareto front), metric against speed-up; written atomically."""
+def staircase(xs: list[float], ys: list[float], start: float = 1.0) -> tuple[list[float], list[float]]:
+    """The path of "best score at speed-up >= x" through front points (speed-up ascending, score
+    descending), from ``start`` on: flat at each point's score up to its speed-up, then down to the
+    next one. This is the curve whose area ``area_under_front`` measures and from which
+    "score at Xx" is read."""
+    if not xs:
+        return [], []
+    px, py = [min(start, xs[0])], [ys[0]]
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        px.append(x)
+        py.append(y)
+        if i + 1 < len(xs):
+            px.append(x)
+            py.append(ys[i + 1])
+    return px, py
+
+
+def full_model_point(sw: SignalSweep, metric: str) -> float | None:
+    """The score of the full model (every input leaves at the last layer: speed-up 1.0), if swept."""
+    vals = [p[metric] for p in sw.points if abs(p["speedup"] - 1.0) < 1e-9]
+    return max(vals) if vals else None
+
+
+def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy",
+                bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
+    """One staircase per label (its Pareto front, drawn as the step function the summaries read),
+    metric against speed-up, with the full model (1.0x) marked; ``bands`` optionally shades a
+    (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +95,8 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
     signals = list(dict.fromkeys(p[1] if len(p) > 1 else p[0] for p in parts.values()))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
+    full_marked = False
     for label, sw in curves.items():
         xs, ys = _front(sw, metric)
         if not xs:
@@ -61,7 +108,20 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
         if len(xs) == 1:
             ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", color=colour, label=label)
         else:
-            ax.plot(xs, ys, marker="o", markersize=2.5, linestyle=style, linewidth=width, color=colour, label=label)
+            sx, sy = staircase(xs, ys)
+            ax.plot(sx, sy, linestyle=style, linewidth=width, color=colour, label=label)
+            ax.plot(xs, ys, marker="o", markersize=2.5, linestyle="none", color=colour)
+        if bands and label in bands:
+            bx, lo, hi = bands[label]
+            if len(bx) > 1:  # the same staircase as the curve: flat from 1.0x to the first point
+                start = [min(1.0, bx[0])]
+                ax.fill_between(start + list(bx), lo[:1] + list(lo), hi[:1] + list(hi), step="pre", color=colour,
+                                alpha=0.12, linewidth=0)
+        full = full_model_point(sw, metric)
+        if full is not None:
+            ax.plot([1.0], [full], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black",
+                    linestyle="none", label=None if full_marked else "full model (1.0x)")
+            full_marked = True
     ax.set_xlabel("speed-up (layers, Eq. 12)")
     ax.set_ylabel(f"dev {metric}")
     ax.set_title(title, fontsize=10)
@@ -73,6 +133,30 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
     _atomic(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return path
+
+
+def seed_summary(results: list[CellResult], signal: str, digits: int | None = 4) -> pd.DataFrame:
+    """Per method: the number of seeds and the mean / std over seeds of every summary of one
+    signal's sweep (``<metric>_at_<x>x``, ``auc``, ``best``; an unreached speed-up counts as missing,
+    so its mean is over the seeds that reached it and ``<key>_n`` says how many did); rounded to
+    ``digits`` unless None."""
+    rows = []
+
+    def rnd(x: float) -> float:
+        return float(x) if digits is None else round(float(x), digits)
+
+    for m in sorted({r.method for r in results if signal in r.sweeps}, key=_method_order):
+        rs = [r for r in results if r.method == m and signal in r.sweeps]
+        row: dict[str, object] = {"method": m, "seeds": len(rs)}
+        keys = list(dict.fromkeys(k for r in rs for k in r.sweeps[signal].summary))
+        for k in keys:
+            xs = pd.Series([r.sweeps[signal].summary.get(k) for r in rs], dtype="float64").dropna()
+            row[f"{k}_mean"] = rnd(xs.mean()) if len(xs) else None
+            row[f"{k}_std"] = rnd(xs.std(ddof=1)) if len(xs) > 1 else None
+            if len(xs) != len(rs):
+                row[f"{k}_n"] = len(xs)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -159,7 +243,9 @@ def render(df: pd.DataFrame, fmt: str) -> str:
 
 
 def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[CellResult]:
-    """Cell results logged to MLflow (the result.json artefact of every child run)."""
+    """Cell results logged to MLflow (the result.json artefact of every child run), each cell once:
+    every command logs the cells it covered under its own parent, so a cell reused by several runs
+    has several child runs; the newest has every sweep the cell has."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -167,9 +253,14 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
             and (task is None or e.name == f"eebench-{task}")]
     out = []
     for e in exps:
-        for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''"):
+        seen: set[str] = set()
+        for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''",
+                                      order_by=["attributes.start_time DESC"], max_results=50000):
             if run.data.tags.get("eebench_tune"):  # tune trials are not method results
                 continue
+            if run.data.tags["eebench_cell_id"] in seen:
+                continue
+            seen.add(run.data.tags["eebench_cell_id"])
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:

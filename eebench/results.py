@@ -50,6 +50,8 @@ class CellResult(BaseModel):
     seed: int
     config: dict[str, Any]  # the full cell config (everything that was hashed)
     data: dict[str, Any]  # fingerprints and row counts
+    # run settings that do not change the trained weights: eval subset, thresholds, batching
+    settings: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any]  # backbone, pooling, head lr, layers
     training: dict[str, Any]  # per-epoch history, steps, seconds
     layers: list[dict[str, float]]  # per-layer dev metrics of the final model

@@ -30,7 +30,7 @@ from eebench.exits import Sweep, predictions_at_exit, sweep
 from eebench.models import MultiExitConfig, MultiExitModel, _atomic, resolve_model
 from eebench.results import CellResult, SignalSweep, UnreadableResult
 from eebench.signals import get_signal
-from eebench.tracking import Tracker, default_tracking_uri
+from eebench.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
 
 log = logging.getLogger("eebench")
 
@@ -365,26 +365,49 @@ class Runner:
         self.data()
         create_output(self.out)
 
+    def settings(self) -> dict[str, Any]:
+        """Run settings that do not change a cell's weights but do its numbers or cost (recorded in
+        the result JSON and as MLflow params; the device used is in the result's ``model``)."""
+        c = self.cfg
+        return {"eval_samples": c.eval_samples, "num_thresholds": c.num_thresholds,
+                "confirm_thresholds": c.confirm_thresholds, "micro_batch_size": c.micro_batch_size,
+                "group_by_length": c.group_by_length}
+
+    def open_parent(self, kind: str = "run") -> str | None:
+        """This command's parent run (a new one every time: its children are the cells it covers)."""
+        run_id = cell_hash({"cells": [c[3] for c in self.cells()], "signals": self.cfg.signals})
+        return self.tracker.start_parent(
+            self.spec.name, parent_run_name(self.spec.name, self.cfg.methods), self.cfg.model_dump(exclude={"progress"}),
+            {"eebench_run_id": run_id, "task": self.spec.name, "eebench_command": kind},
+        )
+
+    def close_parent(self, parent: str | None, results: list[CellResult], status: str) -> None:
+        """Log the comparison of the parent's cells, close it, and say where to look."""
+        if parent is None:
+            return
+        self.tracker.log_parent_summary(parent, results)
+        self.tracker.finish(parent, status)
+        for line in self.tracker.links(self.spec.name, parent):
+            print(line, flush=True)
+
     def run(self) -> list[CellResult]:
         # The trainer refuses this too, but only once a cell starts (where Ray's tests rely on it).
         from eebench.training import TrainConfig
 
         TrainConfig(batch_size=self.cfg.batch_size, micro_batch_size=self.cfg.micro_batch_size).accumulation()
         self.prepare()
-        run_id = cell_hash({"cells": [c[3] for c in self.cells()], "signals": self.cfg.signals})
-        parent = self.tracker.start_parent(
-            self.spec.name, f"run-{run_id}", self.cfg.model_dump(exclude={"progress"}),
-            {"eebench_run_id": run_id, "task": self.spec.name},
-        )
-        results = []
+        parent = self.open_parent()
+        results: list[CellResult] = []
+        status = "FAILED"
         try:
             for method, seed, cc, h in self.cells():
                 results.append(self.run_cell(method, seed, cc, h, parent))
-        except BaseException as e:
-            # Never leave the parent RUNNING for ever: KILLED on Ctrl-C, FAILED on an error.
-            self.tracker.finish(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
             raise
-        self.tracker.finish(parent)
+        finally:
+            self.close_parent(parent, results, status)
         return results
 
     def cell_dir(self, method: str, seed: int, h: str) -> Path:
@@ -413,18 +436,22 @@ class Runner:
             return self.train_cell(method, seed, cc, h, d, parent)
 
     def _top_up(self, method: str, seed: int, d: Path, result: CellResult, parent: str | None) -> CellResult:
+        result_path = d / "result.json"
         missing = signals_to_sweep(result, self.cfg.signals, self.cfg.num_thresholds)
         print(f"[{method} seed {seed}] finished earlier ({d.name}); "
               + (f"sweeping {', '.join(missing)}" if missing else "nothing to do"), flush=True)
         if missing:
             self.sweep_cell(d, result, missing)
-            result.mlflow_run_id = self.tracker.log_cell(result, parent, d) or result.mlflow_run_id
-            result.to_disk(d / "result.json")
+        # A child of this command's parent, with everything the cell has now (new sweeps included).
+        run_id = self.tracker.log_cell(result, parent, d, reused=True)
+        if missing or (result.mlflow_run_id is None and run_id):
+            result.mlflow_run_id = run_id or result.mlflow_run_id
+            result.to_disk(result_path)
         return result
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
         from eebench.strategy import build_strategy
-        from eebench.training import TrainConfig, Trainer, collapsed_layers, has_checkpoint, seed_everything
+        from eebench.training import TrainConfig, Trainer, has_checkpoint, seed_everything
 
         cfg = self.cfg
         train_ds, dev_ds, tok, info = self.data()
@@ -449,8 +476,48 @@ class Runner:
         resuming = has_checkpoint(d / "checkpoint")  # the trainer verifies it before resuming
         print(f"[{method} seed {seed}] {'resuming' if resuming else 'training'} in {d}", flush=True)
         t0 = time.perf_counter()
-        on_epoch = (lambda n, entry: self.epoch_hook(model, n, entry)) if self.epoch_hook else None
+        logged: set[int] = set()
+        child = None
+
+        def on_epoch(n: int, entry: dict) -> None:
+            self.tracker.log_epoch(child, n, entry)  # visible in MLflow while the cell trains
+            logged.add(n)
+            if self.epoch_hook:
+                self.epoch_hook(model, n, entry)
+
         trainer = Trainer(model, strategy, tcfg, tok, self.spec, out_dir=d, on_epoch=on_epoch)
+        model_info = {"name": cfg.model, "pooling": model.config.pooling, "final_pooling": model.config.final_pooling,
+                      "head_lr": cfg.head_lr or cfg.lr, "num_layers": model.num_layers,
+                      "backbone_layers": model.adapter.num_layers, "train_signal": strategy.train_signal,
+                      "head": "pooler" if model.config.pooling == "pooler" else "linear", "device": str(trainer.device)}
+        settings = self.settings()
+        # The child run lives as long as the cell: opened now, closed when the cell ends.
+        child = self.tracker.open_cell(self.spec.name, parent, cc, settings, info, model_info, h)
+        try:
+            result = self._train_and_sweep(method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds,
+                                           tok, info, model_info, settings, resuming, t0, protocol)
+            for n, entry in enumerate(result.training["history"], start=1):  # epochs of an earlier process
+                if n not in logged:
+                    self.tracker.log_epoch(child, n, entry)
+            result.mlflow_run_id = self.tracker.log_cell(result, parent, d, run_id=child)
+        except KeyboardInterrupt:
+            self.tracker.end_cell(child, "KILLED")
+            raise
+        except BaseException:
+            self.tracker.end_cell(child, "FAILED")
+            raise
+        result.to_disk(d / "result.json")  # written last: marks the cell finished
+        if not cfg.keep_checkpoint:
+            # The model and the cached logits are all a finished cell needs (sweep, bench,
+            # report); the optimiser state is several times the model's size.
+            shutil.rmtree(d / "checkpoint", ignore_errors=True)
+        _print_cell(result)
+        return result
+
+    def _train_and_sweep(self, method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds, tok, info,
+                         model_info, settings, resuming, t0, protocol) -> CellResult:
+        from eebench.training import collapsed_layers
+
         tr = trainer.train(train_ds, dev_ds, resume=resuming)
         t_train = time.perf_counter() - t0
         model.save(d / "model")
@@ -477,26 +544,15 @@ class Runner:
                         else "try a higher --head-lr or more training data)"))
                 print(f"warning: [{method} seed {seed}] {w}", flush=True)
                 warnings.append(w)
-        full_layers = model.adapter.num_layers
         result = CellResult(
-            cell_id=h, task=self.spec.name, method=method, seed=seed, config=cc, data=info,
-            model={"name": cfg.model, "pooling": model.config.pooling, "final_pooling": model.config.final_pooling,
-                   "head_lr": cfg.head_lr or cfg.lr, "num_layers": model.num_layers, "backbone_layers": full_layers,
-                   "train_signal": strategy.train_signal, "head": "pooler" if model.config.pooling == "pooler" else "linear",
-                   "device": str(trainer.device)},
+            cell_id=h, task=self.spec.name, method=method, seed=seed, config=cc, data=info, settings=settings,
+            model=model_info,
             training={"history": tr.history, "steps": tr.steps, "seconds": tr.train_seconds,
                       "resumed_from_step": tr.resumed_from_step, "hparams": strategy.hparams},
             layers=layers, warnings=warnings,
             timings={"train_s": t_train, "dev_forward_s": t_eval},
         )
         self.sweep_cell(d, result, self.cfg.signals, model=model, dev_ds=dev_ds, tok=tok)
-        result.mlflow_run_id = self.tracker.log_cell(result, parent, d)
-        result.to_disk(d / "result.json")  # written last: marks the cell finished
-        if not cfg.keep_checkpoint:
-            # The model and the cached logits are all a finished cell needs (sweep, bench,
-            # report); the optimiser state is several times the model's size.
-            shutil.rmtree(d / "checkpoint", ignore_errors=True)
-        _print_cell(result)
         return result
 
     def sweep_cell(self, d: Path, result: CellResult, signals: list[str], model=None, dev_ds=None, tok=None) -> None:
@@ -751,7 +807,7 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
     paths = [root] if single else cell_dirs(root)
     if not paths:
         raise EebenchError(f"no eebench results (result.json) under {results_dir}")
-    out = []
+    out, dirs, trackers = [], [], {}
     for d in paths:
         with cell_lock(d, f"[{d.name}]"):
             try:
@@ -771,12 +827,19 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
                             confirm_thresholds=0, methods=[result.method], signals=signals)
             runner = Runner(cfg)
             runner.sweep_cell(d, result, signals)
-            result.mlflow_run_id = runner.tracker.log_cell(result, None, d) or result.mlflow_run_id
             result.to_disk(d / "result.json")
         _print_cell(result)
         out.append(result)
+        dirs.append(d)
+        trackers.setdefault(runner.tracker.uri, (runner.tracker, []))[1].append(len(out) - 1)
     if not out:
         raise EebenchError(f"no readable eebench results under {results_dir}")
+    # One parent per task (and store) for this command, a child per swept cell.
+    for tracker, idx in trackers.values():
+        if tracker.enabled:
+            for line in log_results(tracker, [out[i] for i in idx], [dirs[i] for i in idx], "sweep",
+                                    {"signals": ",".join(signals), "num_thresholds": num_thresholds}):
+                print(line, flush=True)
     return out
 
 

@@ -55,16 +55,42 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
     assert len(children) == 4 and len(parents) == 1
     assert set(children["params.method"]) == {"vanilla", "cosee"}
     assert "params.method_params.alpha" in children.columns
-    assert children["params.pooling_used"].eq("mean").all()
+    # one name per meaning: `pooling` / `head_lr` are what was used, no *_used duplicates or tags
+    assert children["params.pooling"].eq("mean").all() and children["params.head_lr"].eq("0.003").all()
+    assert "params.pooling_used" not in children.columns and "tags.pooling" not in children.columns
+    for k in ("eval_samples", "num_thresholds", "micro_batch_size", "group_by_length", "train_rows", "dev_rows",
+              "train_fingerprint", "dev_fingerprint"):
+        assert f"params.{k}" in children.columns, k
+    assert children["params.num_thresholds"].eq("20").all() and children["params.dev_rows"].eq("48").all()
+    assert children["tags.mlflow.source.name"].str.startswith("eebench ").all()
+    assert sorted(children["tags.mlflow.runName"]) == ["cosee-s1 lr=0.003 batch_size=16 pooling=mean",
+                                                       "cosee-s2 lr=0.003 batch_size=16 pooling=mean",
+                                                       "vanilla-s1 lr=0.003 batch_size=16 pooling=mean",
+                                                       "vanilla-s2 lr=0.003 batch_size=16 pooling=mean"]
+    assert parents["tags.mlflow.runName"].iloc[0].startswith("toy vanilla+cosee 20")
     assert children["metrics.energy_accuracy_at_1.5x"].notna().all()
     assert children["metrics.dev_layer1_accuracy"].notna().all()
     client = mlflow.tracking.MlflowClient(uri)
     cid = children["run_id"].iloc[0]
-    arts = {a.path for a in client.list_artifacts(cid)} | {a.path for a in client.list_artifacts(cid, "sweeps")} | {
-        a.path for a in client.list_artifacts(cid, "plots")}
-    assert {"result.json", "sweeps/sweep_energy.csv", "plots/pareto_energy.png"} <= arts
+    arts = {a.path for a in client.list_artifacts(cid)} | {a.path for a in client.list_artifacts(cid, "sweeps")}
+    assert {"result.json", "sweeps/sweep_energy.csv", "pareto_energy.png"} <= arts  # plots at the top: Compare shows them
     hist = client.get_metric_history(cid, "dev_layer4_accuracy")
     assert [m.step for m in hist] == [1]
+
+    # The parent: per signal, the seed-aggregated Pareto plot and summary table, and the means as metrics.
+    pid = parents["run_id"].iloc[0]
+    assert {"pareto_energy.png", "pareto_entropy.png", "summary_energy.csv", "summary_entropy.csv"} <= {
+        a.path for a in client.list_artifacts(pid)}
+    import pandas as pd
+
+    summary = pd.read_csv(client.download_artifacts(pid, "summary_energy.csv", str(tmp_path)))
+    pmetrics = client.get_run(pid).data.metrics
+    for method in ("vanilla", "cosee"):
+        aucs = [x.sweeps["energy"].summary["auc"] for x in results if x.method == method]
+        expected = sum(aucs) / len(aucs)  # the oracle: the mean over seeds of each cell's JSON
+        assert pmetrics[f"{method}/energy_auc"] == pytest.approx(expected, abs=1e-9)
+        row = summary[summary["method"] == method].iloc[0]
+        assert row["seeds"] == 2 and row["auc_mean"] == pytest.approx(expected, abs=1e-4)
 
     # Report from local results and from MLflow.
     rep = tmp_path / "report"
@@ -87,16 +113,38 @@ def test_second_identical_run_trains_nothing(finished_run, tiny_backbone_dir, ca
         raise AssertionError("trained again")
 
     monkeypatch.setattr(tr.Trainer, "train", boom)
-    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("result.json")}
+    cells = [p for p in finished_run.rglob("result.json") if (p.parent / "cell_config.json").exists()]
+    before = {p: p.stat().st_mtime_ns for p in cells}
     assert main(_run_args(toy_task, tiny_backbone_dir, finished_run, "--methods", "vanilla,cosee",
                           "--signals", "energy,entropy", "--seeds", "1,2")) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert before == {p: p.stat().st_mtime_ns for p in finished_run.rglob("result.json")}
+    assert before == {p: p.stat().st_mtime_ns for p in cells}
     # a new signal is swept from the cached logits, still without training
     assert main(_run_args(toy_task, tiny_backbone_dir, finished_run, "--methods", "vanilla", "--signals",
                           "energy,entropy,patience", "--seeds", "1")) == 0
     r = [r for r in find_results(finished_run) if r.method == "vanilla" and r.seed == 1][0]
     assert set(r.sweeps) == {"energy", "entropy", "patience"}
+
+    # One `eebench run` = one parent whose children are the cells it covered, new or reused; the
+    # newest parent (the signal-adding run) has the one reused cell, with its new sweep.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{finished_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eebench-toy").experiment_id
+    runs = client.search_runs([exp], order_by=["attributes.start_time DESC"])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    kids = {p.info.run_id: [x for x in runs if x.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents}
+    assert all(kids[p.info.run_id] for p in parents)  # no empty parent
+    (newest,) = kids[parents[0].info.run_id]
+    assert newest.data.tags["eebench_cell_id"] == r.cell_id and newest.data.tags["eebench_reused"] == "true"
+    assert "patience_auc" in newest.data.metrics and newest.info.status == "FINISHED"
+    assert len(kids[parents[1].info.run_id]) == 4  # the identical re-run covered all four cells
+    # reports from MLflow count each cell once, with its newest sweeps
+    from eebench.report import load_results
+
+    cells = load_results(None, f"sqlite:///{finished_run / 'mlflow.db'}", "toy")
+    assert sorted((x.method, x.seed) for x in cells) == [("cosee", 1), ("cosee", 2), ("vanilla", 1), ("vanilla", 2)]
+    assert "patience" in [x for x in cells if x.method == "vanilla" and x.seed == 1][0].sweeps
 
 
 def test_sweep_command_adds_signals(finished_run):
@@ -192,7 +240,22 @@ def test_unreachable_tracking_server_still_finishes(tmp_path, tiny_backbone_dir,
                         "--tracking-uri", f"http://127.0.0.1:{port}"))
     out = capsys.readouterr().out
     assert rc == 0 and out.count("is unreachable") == 1 and "nothing is lost" in out
+    assert f"eebench log {tmp_path / 'runs'} --tracking-uri http://127.0.0.1:{port}" in out
     assert len(find_results(tmp_path / "runs")) == 1
+    # ... and that command logs them later: a fresh store gets a parent with the cell as its child.
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    assert main(["log", str(tmp_path / "runs"), "--tracking-uri", store]) == 0
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.get_experiment_by_name("eebench-toy")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    (child,) = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert child.data.params["method"] == "vanilla" and "energy_auc" in child.data.metrics
+    assert "summary_energy.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert main(["log", str(tmp_path / "nothing-here"), "--tracking-uri", store]) == 2
 
 
 def test_custom_csv_task_trains_and_evaluates(tmp_path, tiny_backbone_dir, toy_task):
@@ -212,7 +275,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_real_mlflow_server(tmp_path, tiny_backbone_dir, toy_task):
+def test_real_mlflow_server(tmp_path, tiny_backbone_dir, toy_task, capsys):
     """A real `mlflow server` on 127.0.0.1: the run logs to it and search_runs finds the cells."""
     import mlflow
 
@@ -238,8 +301,14 @@ def test_real_mlflow_server(tmp_path, tiny_backbone_dir, toy_task):
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow server did not start")
+        capsys.readouterr()
         assert main(_run_args(toy_task, tiny_backbone_dir, tmp_path / "runs", "--methods", "vanilla,cosee",
                               "--signals", "energy", "--tracking-uri", uri)) == 0
+        captured = capsys.readouterr()
+        # eebench's output only: MLflow's own "View run" lines are off; eebench prints its links once.
+        assert "View run" not in captured.out + captured.err
+        assert captured.out.count(f"MLflow parent run:  {uri}/#/experiments/") == 1
+        assert f"{uri}/#/experiments/" in captured.out and "runs?workflowType=machine_learning" in captured.out
         mlflow.set_tracking_uri(uri)
         runs = mlflow.search_runs(experiment_names=["eebench-toy"])
         children = runs[runs["tags.mlflow.parentRunId"].notna()]

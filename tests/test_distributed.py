@@ -223,7 +223,12 @@ def test_ray_grid_matches_local_executor(local_ray, tiny_backbone_dir, toy_task,
     # a second run finds every cell finished and changes nothing
     assert main(_run_args(toy_task, tiny_backbone_dir, tmp_path / "ray", *args, "--executor", "ray")) == 0
     assert {k: _stable(v) for k, v in _results(tmp_path / "ray").items()} == {k: _stable(v) for k, v in ray_.items()}
-    assert len(_mlflow_runs(tmp_path / "ray")[1]) == 3
+    # ... but is one more `eebench run`: a new parent whose two children are the reused cells
+    _, runs = _mlflow_runs(tmp_path / "ray")
+    assert len(runs) == 6
+    newest = max((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    reused = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
+    assert len(reused) == 2 and all(r.data.tags["eebench_reused"] == "true" for r in reused)
 
 
 def test_two_one_cpu_cells_run_concurrently(local_ray, tiny_backbone_dir, toy_task, tmp_path):
