@@ -123,6 +123,12 @@ class EncoderAdapter:
         if token_type_ids is not None and "token_type_ids" in self._embed_params:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.model.embeddings(**kwargs)
+        if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast keeps LayerNorm and residual adds in the input's dtype: starting the
+            # residual stream in bf16 keeps every layer in bf16 instead of casting fp32 -> bf16
+            # before each matmul and promoting back at each residual add. The weights (and the
+            # LayerNorm parameters) stay fp32 master copies.
+            hidden = hidden.to(torch.get_autocast_dtype("cpu"))
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         hidden = self.post_embed(hidden)
         state = {"mask": mask}
