@@ -8,7 +8,8 @@
 Contenders run interleaved, rotated every round; the figures are ratios of medians. Timing on a
 shared machine is noisy, so the targets are checked only with ``EEBENCH_BENCH_ASSERT=1``;
 otherwise the ratios are printed and stored in the benchmark's ``extra_info``. Sizes:
-``EEBENCH_BENCH_ROWS`` (default 320 SST-2 rows, 160 RTE rows), ``EEBENCH_BENCH_ROUNDS`` (3).
+``EEBENCH_BENCH_ROWS`` (default 320 SST-2 rows, 160 RTE rows), ``EEBENCH_BENCH_ROUNDS`` (3),
+``EEBENCH_BENCH_THREADS`` (default: torch's; 1 gives steadier ratios on a loaded machine).
 
     GLUE_DIR=../shared/data/glue pytest benchmarks/test_trainer_speed_bench.py --benchmark-only -s
 """
@@ -26,6 +27,17 @@ from eebench.accel import cpu_info
 
 ASSERT = os.environ.get("EEBENCH_BENCH_ASSERT") == "1"
 ROUNDS = int(os.environ.get("EEBENCH_BENCH_ROUNDS", "3"))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    import torch
+
+    old = torch.get_num_threads()
+    if os.environ.get("EEBENCH_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["EEBENCH_BENCH_THREADS"]))
+    yield
+    torch.set_num_threads(old)
 
 
 def _rows(default: int) -> int:

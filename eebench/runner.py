@@ -183,10 +183,9 @@ def signals_to_sweep(result: CellResult, signals: list[str], num_thresholds: int
 
 def validate(cfg: RunConfig):
     """Check every name before any work starts: exit code 2 with the known names."""
+    from eebench.accel import check_attn_implementation
     from eebench.data import check_trainable, get_task
     from eebench.strategy import build_strategy, get_method
-
-    from eebench.accel import check_attn_implementation
 
     spec = get_task(cfg.task)
     check_trainable(spec)
@@ -329,8 +328,8 @@ class Runner:
         return self.train_cell(method, seed, cc, h, d, parent)
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
-        from eebench.strategy import build_strategy
         from eebench.accel import machine_info
+        from eebench.strategy import build_strategy
         from eebench.training import TrainConfig, Trainer, collapsed_layers, seed_everything
 
         cfg = self.cfg
