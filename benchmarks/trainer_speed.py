@@ -133,16 +133,20 @@ def measure(setup: Setup, contenders: list[str], rounds: int = 3, log=print) -> 
     for name in contenders:  # warm-up: first-call kernel selection, allocator
         run(name)
     times: dict[str, list[float]] = {n: [] for n in contenders}
+    cpu: dict[str, list[float]] = {n: [] for n in contenders}  # process CPU time: a cross-check under load
     order = list(contenders)
     for r in range(rounds):
         for name in order:
+            c0 = time.process_time()
             times[name].append(run(name))
+            cpu[name].append(time.process_time() - c0)
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in contenders))
         order.append(order.pop(0))  # rotate: nobody always runs first
     med = {n: statistics.median(v) for n, v in times.items()}
     lengths = [len(x) for x in train["input_ids"]]
     return {"task": setup.task, "rows": setup.rows, "batch_size": setup.batch_size, "rounds": rounds,
             "mean_tokens": sum(lengths) / len(lengths), "times_s": times, "median_s": med,
+            "cpu_s": cpu, "median_cpu_s": {n: statistics.median(v) for n, v in cpu.items()},
             "samples_per_s": {n: setup.rows / v for n, v in med.items()},
             "machine": machine_info("cpu"), "load_avg": os.getloadavg()}
 
