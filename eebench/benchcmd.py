@@ -15,7 +15,10 @@ from eebench.results import CellResult
 def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float] | None = None,
                target_speedup: float | None = None, batch_size: int = 32, repeats: int = 3,
                threads: int | None = None, samples: int | None = None, tracking_uri: str | None = None,
-               no_mlflow: bool = False) -> dict:
+               no_mlflow: bool = False, precision: str = "fp32", attn_implementation: str = "auto") -> dict:
+    """Bench a finished cell; ``precision`` / ``attn_implementation`` choose how inference runs
+    (the trained weights do not depend on either)."""
+    from eebench.accel import check_attn_implementation, resolve_precision
     from eebench.data import get_task, load_task, subset, tokenize
     from eebench.inference import bench, format_bench
     from eebench.models import MultiExitModel, resolve_model
@@ -26,6 +29,8 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     if not (d / "result.json").exists() or not (d / "model").exists():
         raise EebenchError(f"{d} is not a finished eebench cell (needs result.json and model/); "
                            "pass a folder such as runs/sst2/cosee-s42-<hash>")
+    check_attn_implementation(attn_implementation)
+    resolve_precision(precision, "cpu", "inference")  # bench runs on the CPU: fp16 is refused up front
     result = CellResult.from_disk(d / "result.json")
     spec = get_task(result.data.get("task_source", result.task))
     get_signal(signal).check_task(spec.num_labels)
@@ -41,10 +46,10 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     tokenized = tokenize(dev, tok, spec, int(result.config.get("max_seq_length", 128)))
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in tokenized.column_names]
     examples = [{c: row[c] for c in cols} for row in tokenized]
-    model = MultiExitModel.load(d / "model").eval()
+    model = MultiExitModel.load(d / "model", attn_implementation=attn_implementation).eval()
     out = bench(model, examples, signal, thresholds=thresholds,
                 target_speedup=target_speedup if thresholds is None else None,
-                batch_size=batch_size, repeats=repeats, threads=threads)
+                batch_size=batch_size, repeats=repeats, threads=threads, precision=precision)
     out["signal"] = signal
     print(format_bench(out))
     result.bench.append(out)

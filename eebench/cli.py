@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--final-pooling", choices=["cls", "mean", "pooler"], help="pooling of the final classifier (default: --pooling)")
     r.add_argument("--num-layers", type=int, help="keep only the first K layers (budget exiting)")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default); bf16: autocast on CUDA or on a CPU with native bf16 (avx512_bf16 / AMX), "
+                        "else fp32 with a warning; fp16: CUDA only")
+    r.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"],
+                   help="attention kernel (default auto: eager on the CPU, sdpa on CUDA)")
     r.add_argument("--data-dir", help="GLUE folder in the original layout (default: $GLUE_DIR, else the hub)")
     r.add_argument("--output", help="results folder (default runs/)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output folder)")
@@ -95,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--samples", type=int, help="use the first N dev inputs")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="inference precision (bf16: CUDA or a CPU with native bf16, else fp32 with a warning)")
+    b.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"],
+                   help="attention kernel (default auto: eager on the CPU, sdpa on CUDA)")
     b.add_argument("--tracking-uri")
     b.add_argument("--no-mlflow", action="store_true")
 
@@ -136,7 +144,8 @@ def cmd_run(args) -> None:
 
     keys = ["task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
             "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
-            "precision", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds", "keep_checkpoint"]
+            "precision", "attn_implementation", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds",
+            "keep_checkpoint"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
     if args.executor == "ray":
         from eebench.distributed import cmd_run_ray
@@ -212,7 +221,8 @@ def cmd_bench(args) -> None:
     except ValueError:
         raise EebenchError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
     bench_cell(args.cell, args.signal, thresholds, args.target_speedup, args.batch_size, args.repeats, args.threads,
-               args.samples, args.tracking_uri, args.no_mlflow)
+               args.samples, args.tracking_uri, args.no_mlflow, precision=args.precision,
+               attn_implementation=args.attn_implementation)
 
 
 def main(argv: list[str] | None = None) -> int:

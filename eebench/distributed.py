@@ -926,6 +926,7 @@ def add_tune_arguments(t) -> None:
     t.add_argument("--num-layers", type=int)
     t.add_argument("--device")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--attn-implementation", choices=["auto", "eager", "sdpa"])
     t.add_argument("--data-dir")
     t.add_argument("--output", help="results folder (default runs/); the search lives in <output>/tune/<name>")
     t.add_argument("--tracking-uri")
@@ -966,8 +967,8 @@ def cmd_tune(args) -> TuneSummary:
     from eebench.runner import run_config_from
 
     keys = ["task", "model", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs", "lr", "head_lr",
-            "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device", "precision", "data_dir",
-            "output", "tracking_uri", "no_mlflow", "num_thresholds"]
+            "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device", "precision",
+            "attn_implementation", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds"]
     given = {k: getattr(args, k) for k in keys}
     if args.seed is not None:
         given["seeds"] = [args.seed]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from eebench.accel import autocast, machine_info, resolve_precision
 from eebench.errors import EebenchError
 from eebench.exits import exit_layers_from_scores, predictions_at_exit, simulate_exits
 from eebench.metrics import exit_counts, speedup_ratio, speedup_ratios
@@ -144,8 +145,13 @@ class EarlyExitEngine:
     """
 
     def __init__(self, model: MultiExitModel, signal: str | Signal, threshold: float,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", precision: str = "fp32"):
         self.device = torch.device(device)
+        #: The precision that runs: bf16 autocast only on CUDA or a CPU with native bf16 (else
+        #: fp32 and a warning line); exit decisions are always taken on float32 logits.
+        self.precision, note = resolve_precision(precision, self.device, "inference")
+        if note:
+            print(f"warning: {note}", flush=True)
         self.model = model.to(self.device).eval()
         self.signal = get_signal(signal)
         self.signal.check_task(model.config.num_labels)
@@ -188,7 +194,7 @@ class EarlyExitEngine:
 
     # -- pieces ------------------------------------------------------------------------
     def _dispatch(self, items: list[Example], mode: str, b: int, on_layer) -> EngineOutput:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             if mode == "single":
                 return self._single(items, on_layer)
             if mode == "batched":
@@ -209,7 +215,7 @@ class EarlyExitEngine:
         m = self.num_layers
         ad, heads = self._adapter, self._heads
         logits_out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for start in range(0, len(items), b):
                 group = items[start:start + b]
                 ids, mask, tt = collate(group) if b > 1 else _unbatched(group[0])
@@ -231,6 +237,7 @@ class EarlyExitEngine:
         """Signal values [n, 1] for one layer's logits [n, C]; also the updated history (all
         layers' logits so far, for signals that need it; else None)."""
         sig = self.signal
+        logits = logits.float()  # bf16 heads: decide on the float32 logits, as the simulation does
         if sig.needs_history:
             history = logits.unsqueeze(1) if history is None else torch.cat([history, logits.unsqueeze(1)], 1)
             return sig.score(history)[:, -1:], history
@@ -422,12 +429,13 @@ class ThresholdChoice:
 
 
 def one_pass_logits(model: MultiExitModel, examples, batch_size: int = 32,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Logits of every exit, [N, M, C], from ``model.forward`` in input-order batches."""
+                    device: str | torch.device = "cpu", precision: str = "fp32") -> torch.Tensor:
+    """Logits of every exit, [N, M, C] float32, from ``model.forward`` in input-order batches
+    (``precision``: as resolved by ``eebench.accel.resolve_precision``)."""
     items = prepare_examples(examples, device)
     model = model.to(device).eval()
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(items), batch_size):
             ids, mask, tt = collate(items[start:start + batch_size])
             out.append(model(ids, mask, tt).float().cpu())
@@ -499,7 +507,7 @@ def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict
     fr, hfr, lt, ht, st = [], [], [], [], []
     if m < 2:
         return {"layer_ms": None, "head_ms": None, "signal_ms": None, "fraction": None, "head_fraction": None}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(dev, engine.precision):
         for _ in range(max(1, repeats)):
             t_layer = t_head = t_sig = 0.0
             for ex in items:
@@ -543,6 +551,7 @@ def bench(
     segment: int | None = None,
     sort_by_length: bool = True,
     overhead_inputs: int = 128,
+    precision: str = "fp32",
 ) -> dict:
     """Wall-clock latency and throughput of early exit against the full model, side by side.
 
@@ -560,10 +569,13 @@ def bench(
     and streaming modes), given as min / median / max over rounds next to the layer speed-up.
     Also the signal overhead at batch size 1 on the first ``overhead_inputs`` inputs.
     ``threads`` fixes ``torch.set_num_threads`` for the call (restored afterwards).
+    ``precision`` bf16 runs every model call under bf16 autocast where the device has native
+    bf16 (else fp32, with a warning line); the simulation then uses bf16 one-pass logits too.
 
     Returns a JSON-serialisable dict with keys ``model``, ``signal``, ``num_layers``,
     ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``sort_by_length``, ``threads``, ``repeats``,
-    ``warmup``, ``device``, ``torch``, ``platform``, ``full`` ({``single``, ``batched``}),
+    ``warmup``, ``device``, ``torch``, ``platform``, ``precision`` (as run), ``attn_implementation``, ``machine``
+    (``eebench.accel.machine_info``: CPU model and flags, native bf16, threads), ``full`` ({``single``, ``batched``}),
     ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
     ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
     fractions}, ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},
@@ -579,20 +591,23 @@ def bench(
         raise EebenchError(f"repeats must be at least 1, got {repeats}")
     b = _check_batch(batch_size)
     seg = max(b, (segment or 8 * b) // b * b)  # whole batches, so batched chunks match a full run
+    precision, note = resolve_precision(precision, device, "inference")
+    if note:
+        print(f"warning: {note}", flush=True)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         items = prepare_examples(examples, device)
         n, m = len(items), model.num_layers
-        layer_logits = one_pass_logits(model, items, b, device)
+        layer_logits = one_pass_logits(model, items, b, device, precision)
         if thresholds is None:
             targets = [2.0] if target_speedup is None else _as_list(target_speedup)
             runs = [{"threshold": pick_threshold(layer_logits, sig, t).threshold, "target_speedup": t}
                     for t in targets]
         else:
             runs = [{"threshold": t, "target_speedup": None} for t in _as_list(thresholds)]
-        engines = [EarlyExitEngine(model, sig, r["threshold"], device) for r in runs]
+        engines = [EarlyExitEngine(model, sig, r["threshold"], device, precision) for r in runs]
         full = engines[0]
 
         # Timed tasks: (key, callable on a list of examples).
@@ -706,6 +721,9 @@ def bench(
             "device": str(device),
             "torch": torch.__version__,
             "platform": platform.platform(),
+            "precision": precision,
+            "attn_implementation": model.config.attn_implementation or model.backbone.config._attn_implementation,
+            "machine": machine_info(device),
             "full": {"single": single_stats("full-single"), "batched": batch_stats("full-batched")},
             "runs": runs,
             "signal_overhead": signal_overhead(full, items[: max(1, overhead_inputs)], repeats),
@@ -735,6 +753,11 @@ def format_bench(result: dict) -> str:
         f"{result['threads']} thread(s), {result['device']}, {result['repeats']} rounds "
         f"(median (min-max)), torch {result['torch']}",
     ]
+    if "machine" in result:  # results written before precision / attention were recorded lack these
+        mach = result["machine"]
+        lines.append(f"precision {result['precision']}, attention {result['attn_implementation']}, CPU "
+                     f"{mach['cpu_model']} (flags: {', '.join(mach['cpu_flags']) or 'none of interest'}; "
+                     f"native bf16: {'yes' if mach['native_bf16'] else 'no'})")
     for run in result["runs"]:
         ls = run["layer_speedup"]
         lines += [

@@ -123,6 +123,12 @@ class EncoderAdapter:
         if token_type_ids is not None and "token_type_ids" in self._embed_params:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.model.embeddings(**kwargs)
+        if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast keeps LayerNorm and residual adds in the input's dtype: starting the
+            # residual stream in bf16 keeps every layer in bf16 instead of casting fp32 -> bf16
+            # before each matmul and promoting back at each residual add. The weights (and the
+            # LayerNorm parameters) stay fp32 master copies.
+            hidden = hidden.to(torch.get_autocast_dtype("cpu"))
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         hidden = self.post_embed(hidden)
         state = {"mask": mask}
@@ -267,6 +273,9 @@ class MultiExitConfig:
     num_layers: int | None = None  # keep only the first K layers (budget exiting); None: all
     dropout: float | None = None  # None: the backbone's hidden dropout
     backbone_config: dict = field(default_factory=dict)  # for random-init (test) backbones
+    # eager | sdpa | auto (eebench.accel.choose_attn_implementation for the default device);
+    # None (configs saved before this field existed): auto
+    attn_implementation: str | None = None
 
     def resolved(self) -> MultiExitConfig:
         cfg = MultiExitConfig(**asdict(self))
@@ -313,18 +322,21 @@ class MultiExitModel(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         config = config.resolved()
+        requested = config.attn_implementation
         if config.backbone_config:
             bcfg = AutoConfig.for_model(**config.backbone_config)
-            backbone = AutoModel.from_config(bcfg)
+            backbone = _with_attn(lambda a: AutoModel.from_config(bcfg, attn_implementation=a), bcfg.model_type, requested)
         else:
             path, _ = resolve_model(config.model)
             try:
-                backbone = AutoModel.from_pretrained(path)
+                backbone = _with_attn(lambda a: AutoModel.from_pretrained(path, attn_implementation=a),
+                                      config.model, requested)
             except OSError as e:
                 raise EebenchError(
                     f"cannot load model {config.model!r} ({path}): {str(e).splitlines()[0]}; "
                     f"known aliases: {', '.join(sorted(MODEL_ALIASES))}, or a local path / hub id"
                 ) from None
+        config.attn_implementation = backbone.config._attn_implementation
         return cls(backbone, config)
 
     # -- forward modes ----------------------------------------------------------------
@@ -370,8 +382,11 @@ class MultiExitModel(nn.Module):
         _atomic(d / "eebench_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiExitModel:
-        """Rebuild from ``save``'s folder; reads safetensors and JSON only (nothing unpickled)."""
+    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+             attn_implementation: str | None = None) -> MultiExitModel:
+        """Rebuild from ``save``'s folder; reads safetensors and JSON only (nothing unpickled).
+        ``attn_implementation`` (eager | sdpa | auto) overrides the saved choice: the weights do
+        not depend on it."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
@@ -380,8 +395,12 @@ class MultiExitModel(nn.Module):
             raise EebenchError(f"{d} is not a saved eebench model (no eebench_config.json)")
         cfg = MultiExitConfig(**json.loads((d / "eebench_config.json").read_text()))
         bdict = json.loads((d / "backbone_config.json").read_text())
+        bdict.pop("_attn_implementation_autoset", None)
         bcfg = AutoConfig.for_model(**bdict)
-        model = cls(AutoModel.from_config(bcfg), cfg)
+        backbone = _with_attn(lambda a: AutoModel.from_config(bcfg, attn_implementation=a), bcfg.model_type,
+                              attn_implementation or cfg.attn_implementation, map_location)
+        cfg.attn_implementation = backbone.config._attn_implementation
+        model = cls(backbone, cfg)
         missing, unexpected = model.load_state_dict(load_file(d / "model.safetensors", device=str(map_location)), strict=False)
         if missing or unexpected:
             raise EebenchError(f"checkpoint {d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -404,6 +423,32 @@ def _atomic(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def resolve_attn(requested: str | None, device: str | torch.device = "auto") -> str:
+    """eager or sdpa for a requested attention implementation (None or auto: the device's best)."""
+    from eebench.accel import choose_attn_implementation
+
+    dev = pick_device(device) if isinstance(device, str) else device
+    return choose_attn_implementation(requested or "auto", dev)
+
+
+def _with_attn(build: Callable[[str], nn.Module], what: str, requested: str | None,
+               device: str | torch.device = "auto") -> nn.Module:
+    """``build(attn)`` with the attention implementation chosen for ``requested``. A backbone
+    type without that kernel: ``auto`` falls back to eager (every type has it); an explicit
+    request is an actionable error."""
+    attn = resolve_attn(requested, device)
+    try:
+        return build(attn)
+    except ValueError as e:
+        if "attn" not in str(e) and "attention" not in str(e).lower():
+            raise
+        if (requested or "auto") == "auto" and attn != "eager":
+            return build("eager")
+        other = "sdpa" if attn == "eager" else "eager"
+        raise EebenchError(f"backbone {what!r} does not support attention implementation {attn!r}; "
+                           f"use --attn-implementation {other}") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:

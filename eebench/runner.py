@@ -61,6 +61,7 @@ class RunConfig(BaseModel):
     num_layers: int | None = Field(default=None, ge=1)
     device: str = "auto"
     precision: str = "fp32"
+    attn_implementation: str = "auto"  # auto | eager | sdpa (eebench.accel.choose_attn_implementation)
     group_by_length: bool = True
     checkpoint_every: int = Field(default=50, ge=0)
     keep_checkpoint: bool = False  # keep the optimiser checkpoint of a finished cell
@@ -84,6 +85,16 @@ class RunConfig(BaseModel):
         if isinstance(v, str):
             return [int(s) for s in v.split(",") if s.strip()]
         return [v] if isinstance(v, int) else v
+
+
+def speed_settings(cfg: RunConfig) -> tuple[str, str]:
+    """(attention implementation, precision) that a cell of ``cfg`` trains with on this machine:
+    ``auto`` and a bf16 request on a CPU without native bf16 resolved (eebench.accel)."""
+    from eebench.accel import choose_attn_implementation, resolve_precision
+    from eebench.models import pick_device
+
+    device = pick_device(cfg.device)
+    return choose_attn_implementation(cfg.attn_implementation, device), resolve_precision(cfg.precision, device)[0]
 
 
 #: RunConfig keys left out of a cell's identity, and why: what is run (the lists; one cell is one
@@ -125,8 +136,11 @@ def cell_config(cfg: RunConfig, method: str, seed: int, spec, method_params: dic
     an identity exactly when they would produce the same numbers."""
     from eebench import MATHS_VERSION
 
+    attn, precision = speed_settings(cfg)  # as they will run, not as asked: both change the numbers
     ident = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IDENTITY}
     ident.update({
+        "attn_implementation": attn,
+        "precision": precision,
         "maths_version": MATHS_VERSION,
         "task": spec.name,
         "method": method,
@@ -176,11 +190,14 @@ def validate(cfg: RunConfig):
     """Check every setting before any work starts (exit code 2 with the accepted values), and
     create nothing: the output folder is only checked for being writable. ``Runner.prepare``
     then loads the data before the first file is written."""
+    from eebench.accel import check_attn_implementation
     from eebench.data import check_trainable, get_task
     from eebench.strategy import build_strategy, get_method
 
     spec = get_task(cfg.task)
     check_trainable(spec)
+    check_attn_implementation(cfg.attn_implementation)
+    speed_settings(cfg)  # fp16 on the CPU, an unknown device: refused before any work
     for m in dict.fromkeys([*cfg.methods, *cfg.method_params]):  # overrides of other methods are checked too
         get_method(m)
         build_strategy(m, cfg.method_params.get(m))
@@ -450,6 +467,7 @@ class Runner:
         return result
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
+        from eebench.accel import machine_info
         from eebench.strategy import build_strategy
         from eebench.training import TrainConfig, Trainer, has_checkpoint, seed_everything
 
@@ -467,7 +485,8 @@ class Runner:
             print(f"warning: [{method} seed {seed}] {w}", flush=True)
         seed_everything(seed)
         mcfg = MultiExitConfig(model=cfg.model, num_labels=self.spec.num_labels, pooling=cfg.pooling,
-                               final_pooling=cfg.final_pooling, num_layers=cfg.num_layers)
+                               final_pooling=cfg.final_pooling, num_layers=cfg.num_layers,
+                               attn_implementation=cc.get("attn_implementation", cfg.attn_implementation))
         model = MultiExitModel.from_config(mcfg)
         tcfg = TrainConfig(lr=cfg.lr, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            micro_batch_size=cfg.micro_batch_size, seed=seed, device=cfg.device, precision=cfg.precision,
@@ -489,7 +508,9 @@ class Runner:
         model_info = {"name": cfg.model, "pooling": model.config.pooling, "final_pooling": model.config.final_pooling,
                       "head_lr": cfg.head_lr or cfg.lr, "num_layers": model.num_layers,
                       "backbone_layers": model.adapter.num_layers, "train_signal": strategy.train_signal,
-                      "head": "pooler" if model.config.pooling == "pooler" else "linear", "device": str(trainer.device)}
+                      "head": "pooler" if model.config.pooling == "pooler" else "linear", "device": str(trainer.device),
+                      "attn_implementation": model.config.attn_implementation, "precision": trainer.precision,
+                      "precision_requested": cfg.precision, "machine": machine_info(trainer.device)}
         settings = self.settings()
         # The child run lives as long as the cell: opened now, closed when the cell ends.
         child = self.tracker.open_cell(self.spec.name, parent, cc, settings, info, model_info, h)

@@ -18,7 +18,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eebench.accel import autocast, resolve_precision
 from eebench.errors import EebenchError
 from eebench.metrics import compute_metrics
 from eebench.models import MultiExitModel, _atomic, pick_device
@@ -46,7 +46,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: CUDA, or a CPU with native bf16) | fp16 (CUDA)
     checkpoint_every: int = 50  # optimiser steps; 0: only at epoch ends
     group_by_length: bool = False
     eval_batch_size: int = 64
@@ -128,8 +128,10 @@ class Trainer:
         self.on_epoch = on_epoch
         self.last_dev: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self.device = pick_device(cfg.device)
-        if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise EebenchError(f"unknown precision {cfg.precision!r}; known: fp32, bf16, fp16")
+        #: The precision that runs (bf16 asked on a CPU without native bf16 runs fp32; see accel).
+        self.precision, note = resolve_precision(cfg.precision, self.device, "training")
+        if note:
+            print(f"warning: {note}", flush=True)
 
     # -- optimiser ------------------------------------------------------------------------
     def _optimizer(self):
@@ -144,10 +146,10 @@ class Trainer:
         return torch.optim.AdamW(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.precision != "fp32":
-            dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return nullcontext()
+        # Weights and optimiser state stay fp32 (master weights); the loss is computed in fp32
+        # from the upcast logits. Evaluation runs in fp32, so dev logits, sweeps and the true
+        # early-exit check see the same numbers as an fp32-trained model would.
+        return autocast(self.device, self.precision)
 
     # -- main loop --------------------------------------------------------------------------
     def train(self, train_ds, dev_ds, resume: bool = False) -> TrainResult:
@@ -170,7 +172,7 @@ class Trainer:
         if doc is not None:
             state, result.history = doc["state"], doc["history"]
             result.resumed_from_step = state["step"]
-        scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.precision == "fp16") else None
+        scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and self.precision == "fp16") else None
         t0 = time.perf_counter()
         for pi in range(state["phase"], len(phases)):
             set_trainable(model, phases[pi].trainable)

@@ -182,6 +182,8 @@ def test_interrupted_cell_resumes_without_corrupt_files(tmp_path, tiny_backbone_
         (["cosee.alpha=abc"], "cosee.alpha='abc' is not a number"),
         (["cosee.swm=maybe"], "cosee.swm='maybe' is not true or false"),
         (["colour=red"], "known keys"),
+        (["--precision", "fp16", "--device", "cpu"], "precision fp16 needs a CUDA device"),
+        (["attn_implementation=flash"], "unknown attention implementation 'flash'; known: auto, eager, sdpa"),
     ],
 )
 def test_bad_input_exits_2(tmp_path, tiny_backbone_dir, toy_task, capsys, args, message):
@@ -382,3 +384,18 @@ def test_report_writes_the_papers_analyses_and_logs_them(finished_run, tmp_path,
     assert "analyses/dis_energy.png" in logged and "analyses/training_curves.csv" in logged
     assert main(["report", "--results", str(finished_run), "--log-mlflow", uri]) == 2
     assert "--log-mlflow needs --out" in capsys.readouterr().err
+
+
+def test_attention_and_precision_are_recorded_and_in_the_cell_identity(finished_run, tiny_backbone_dir):
+    from eebench.runner import RunConfig, Runner
+
+    out, toy_task = finished_run
+    (r, *_) = [x for x in find_results(out) if x.method == "vanilla" and x.seed == 1]
+    assert r.config["attn_implementation"] == "eager" and r.config["precision"] == "fp32"  # auto on the CPU
+    assert r.model["attn_implementation"] == "eager" and r.model["precision"] == "fp32"
+    assert {"cpu_model", "cpu_flags", "native_bf16"} <= set(r.model["machine"])
+    base = dict(task=str(toy_task), model=str(tiny_backbone_dir), methods=["vanilla"], seeds=[1], epochs=1,
+                batch_size=16, lr=3e-3, pooling="mean", output=str(out), no_mlflow=True)
+    same = Runner(RunConfig(**base, attn_implementation="eager")).cells()[0][3]
+    assert same == r.cell_id  # auto resolved to eager: the same cell
+    assert Runner(RunConfig(**base, attn_implementation="sdpa")).cells()[0][3] != r.cell_id

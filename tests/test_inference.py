@@ -34,7 +34,11 @@ BACKBONES = {
     "albert": dict(model_type="albert", embedding_size=16, max_position_embeddings=64, **SMALL),
     "mpnet": dict(model_type="mpnet", max_position_embeddings=70, **SMALL),
 }
-POOLING = {"bert": "mean", "albert": "pooler", "mpnet": "cls"}
+# "-sdpa": the same backbone with SDPA attention (the CPU default is eager; simulation == true
+# early exit must hold under either kernel).
+BACKBONES["bert-sdpa"] = BACKBONES["bert"]
+BACKBONES["albert-sdpa"] = BACKBONES["albert"]
+POOLING = {"bert": "mean", "albert": "pooler", "mpnet": "cls", "bert-sdpa": "mean", "albert-sdpa": "pooler"}
 SIGNALS = ("energy", "entropy", "softmax", "patience")
 
 
@@ -48,8 +52,10 @@ def one_thread():
 
 def make_model(kind: str, num_labels: int = 3, seed: int = 0) -> MultiExitModel:
     torch.manual_seed(seed)
-    cfg = MultiExitConfig(model="tiny", num_labels=num_labels, pooling=POOLING[kind], backbone_config=BACKBONES[kind])
+    cfg = MultiExitConfig(model="tiny", num_labels=num_labels, pooling=POOLING[kind], backbone_config=BACKBONES[kind],
+                          attn_implementation="sdpa" if kind.endswith("-sdpa") else "eager")
     model = MultiExitModel.from_config(cfg).eval()
+    assert model.backbone.config._attn_implementation == cfg.attn_implementation
     with torch.no_grad():
         for lin in model.heads.classifiers:
             lin.weight.normal_(0, 1.5)
@@ -251,3 +257,39 @@ def test_bench_returns_the_documented_keys(setups):
     two = bench(model, exs[:6], "patience", thresholds=[1, 2], batch_size=3, repeats=1, warmup=0,
                 threads=1, overhead_inputs=1)
     assert [r["threshold"] for r in two["runs"]] == [1.0, 2.0]
+
+
+def test_bench_records_precision_attention_and_cpu(setups, monkeypatch, capsys):
+    import eebench.accel as accel
+
+    model, exs, _ = setups["bert"]
+    fake = accel.CpuInfo("Fake CPU without bf16", ("avx2",), False)
+    monkeypatch.setattr(accel, "cpu_info", lambda: fake)
+    res = bench(model, exs[:4], "energy", target_speedup=2.0, batch_size=2, repeats=1, warmup=0,
+                threads=1, overhead_inputs=1, precision="bf16")
+    assert "would be slow on this CPU (Fake CPU without bf16" in capsys.readouterr().out
+    assert res["precision"] == "fp32" and res["attn_implementation"] == "eager"
+    assert res["machine"]["cpu_model"] == "Fake CPU without bf16" and res["machine"]["native_bf16"] is False
+    assert "precision fp32, attention eager, CPU Fake CPU without bf16" in format_bench(res)
+    with pytest.raises(EebenchError, match="fp16 needs a CUDA device"):
+        bench(model, exs[:4], "energy", precision="fp16")
+
+
+@pytest.mark.parametrize("signal", ("energy", "patience"))
+def test_bf16_engine_reproduces_its_own_simulation(setups, monkeypatch, signal):
+    """Under bf16 autocast (forced on, whatever this CPU has) every mode still exits where the
+    bf16 one-pass logits say; and those logits do differ from fp32 (autocast really ran)."""
+    import eebench.accel as accel
+
+    monkeypatch.setattr(accel, "cpu_info", lambda: accel.CpuInfo("Fake CPU with bf16", ("avx512_bf16",), True))
+    model, exs, fp32_logits = setups["bert"]
+    logits = one_pass_logits(model, exs, batch_size=5, precision="bf16")
+    assert not torch.equal(logits, fp32_logits)
+    choice = pick_threshold(logits, signal, 1.7)
+    sim = simulate_exits(logits, signal, [choice.threshold])[0]
+    engine = EarlyExitEngine(model, signal, choice.threshold, precision="bf16")
+    assert engine.precision == "bf16"
+    for mode, b, srt in (("single", 1, False), ("batched", 3, False), ("streaming", 4, True)):
+        out = engine.run(exs, mode, b, sort_by_length=srt)
+        assert out.exit_layers.tolist() == sim.tolist(), (mode, b)
+        assert out.predictions.tolist() == predictions_at_exit(logits, sim[None])[0].tolist(), (mode, b)
