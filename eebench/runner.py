@@ -379,6 +379,7 @@ class Runner:
     def prepare(self) -> None:
         """Load the tokenizer and the data (every mistake in them surfaces here), then create the
         output folder: nothing is written before the whole run is known to be possible."""
+        self.cells()  # resolves the model and every cell's identity on the raw data (cheap checks first)
         self.data()
         create_output(self.out)
 
