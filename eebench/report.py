@@ -128,8 +128,9 @@ class HeldOut:
 
             cached = load_file(self.logits[r.cell_id])
             scale = r.model.get("backbone_layers", 1) / r.model.get("num_layers", 1)
-            op = held_out(cached["logits"], cached["labels"], signal, target, self.split, metric,
-                          self.num_thresholds, scale)
+            # the grid size the run used, so that recomputed and stored held-out points agree
+            grid = int(sw.heldout.get("num_thresholds", self.num_thresholds))
+            op = held_out(cached["logits"], cached["labels"], signal, target, self.split, metric, grid, scale)
             s = op.summary()
             if s["metric"] is not None:
                 out = (op.reached, s["metric"], s["metric_std"], s["speedup"])

@@ -505,7 +505,9 @@ def _print_cell(r: CellResult) -> None:
     layers = " / ".join(f"{x[metric]:.3f}" for x in r.layers)
     print(f"[{r.method} seed {r.seed}] dev {metric} per layer ({r.model['pooling']} pooling): {layers}", flush=True)
     for s, sw in r.sweeps.items():
-        summ = ", ".join(f"{k} {v:.3f}" for k, v in sw.summary.items() if v is not None and not k.endswith("_std"))
+        from eebench.operating import mlflow_summary  # oracle_* and heldout_* labelled as in MLflow
+
+        summ = ", ".join(f"{k} {v:.3f}" for k, v in mlflow_summary(sw.summary).items() if not k.endswith("_std"))
         mism = sum(c["prediction_mismatches"] + c["exit_mismatches"] for c in sw.confirm)
         print(f"    {s:9s} {summ}" + (f"; early-exit check: {mism} mismatches" if sw.confirm else ""), flush=True)
 

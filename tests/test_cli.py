@@ -274,6 +274,9 @@ def test_bench_command_records_wall_clock(finished_run, capsys):
     assert "wall speed-up" in capsys.readouterr().out
     (b,) = json.loads((cell / "result.json").read_text())["bench"]
     assert b["signal"] == "entropy" and b["num_inputs"] == 16
+    # held out by default: chosen on 24 calibration inputs, benched on (16 of) the other 24
+    op = b["operating_point"]
+    assert op["calibration_rows"] == op["evaluation_rows"] == 24 and op["threshold"] == b["runs"][0]["threshold"]
     assert all(v["exit_layers"] == 1.0 and v["predictions"] == 1.0 for v in b["runs"][0]["matches_simulation"].values())
     assert main(["bench", str(finished_run), "--no-mlflow"]) == 2
     assert "is not a finished eebench cell" in capsys.readouterr().err
