@@ -15,9 +15,14 @@ from eebench.results import CellResult
 def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float] | None = None,
                target_speedup: float | None = None, batch_size: int = 32, repeats: int = 3,
                threads: int | None = None, samples: int | None = None, tracking_uri: str | None = None,
-               no_mlflow: bool = False, precision: str = "fp32", attn_implementation: str = "auto") -> dict:
-    """Bench a finished cell; ``precision`` / ``attn_implementation`` choose how inference runs
-    (the trained weights do not depend on either)."""
+               no_mlflow: bool = False, precision: str = "fp32", attn_implementation: str = "auto",
+               held: tuple | None = None) -> dict:
+    """Bench one cell. ``held`` = (SplitSpec, Target): the threshold is chosen on a calibration
+    part of the cell's cached dev logits (``eebench.operating``) and only the evaluation part is
+    benched, so the layer and wall-clock speed-ups are measured on inputs that did not choose it.
+    Without it (or with explicit ``thresholds``) every dev input is used (``target_speedup`` is
+    then picked on the benched inputs themselves: an oracle choice). ``precision`` /
+    ``attn_implementation`` choose how inference runs (the trained weights do not depend on either)."""
     from eebench.accel import check_attn_implementation, resolve_precision
     from eebench.data import get_task, load_task, subset, tokenize
     from eebench.inference import bench, format_bench
@@ -41,6 +46,30 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     dev = load_task(result.data.get("task_source", result.task), spec.eval_split)
     n = result.data.get("dev_rows")
     dev = subset(dev, n if n and n < len(dev) else None, seed=0)
+    operating = None
+    if held is not None and thresholds is None:
+        from safetensors.torch import load_file
+
+        from eebench.operating import pick_threshold_held_out
+
+        cache = d / "dev_logits.safetensors"
+        if not cache.exists():
+            raise EebenchError(f"{d} has no cached dev logits ({cache.name}) to choose a held-out threshold from; "
+                               "pass --thresholds or --oracle")
+        cached = load_file(cache)
+        if len(cached["labels"]) != len(dev):
+            raise EebenchError(f"{cache} holds {len(cached['labels'])} dev rows but the dev split has {len(dev)}; "
+                               "pass --thresholds or --oracle")
+        split, target = held
+        thr, cal, ev, choice = pick_threshold_held_out(cached["logits"], cached["labels"], signal, target, split,
+                                                       result.config.get("main_metric", "accuracy"))
+        thresholds = [thr]
+        dev = dev.select(sorted(int(i) for i in ev))
+        operating = {"target": target.describe(), "split": split.describe(), "threshold": thr,
+                     "calibration_rows": len(cal), "evaluation_rows": len(ev),
+                     **{k: choice[k] for k in ("cal_speedup", "cal_metric", "cal_risk")}}
+        print(f"threshold {thr:.6g} chosen on {len(cal)} calibration inputs ({target.describe()}; "
+              f"calibration speed-up {choice['cal_speedup']:.3f}x); benching the {len(ev)} evaluation inputs")
     if samples:
         dev = dev.select(range(min(samples, len(dev))))
     tokenized = tokenize(dev, tok, spec, int(result.config.get("max_seq_length", 128)))
@@ -51,6 +80,10 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
                 target_speedup=target_speedup if thresholds is None else None,
                 batch_size=batch_size, repeats=repeats, threads=threads, precision=precision)
     out["signal"] = signal
+    if operating is not None:
+        out["operating_point"] = operating
+        for r in out["runs"]:
+            r["target_speedup"] = target_speedup
     print(format_bench(out))
     result.bench.append(out)
     root = d.parent.parent

@@ -22,6 +22,44 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def add_split_arguments(p: argparse.ArgumentParser, run: bool = False) -> None:
+    """How held-out operating points split the dev set (eebench.operating)."""
+    d = (lambda v: None) if run else (lambda v: v)  # run: None = the RunConfig default
+    g = p.add_argument_group("held-out operating points (threshold chosen on a calibration part of dev, "
+                             "scored on the rest)")
+    g.add_argument("--cal-fraction", type=float, default=d(0.5), help="calibration share of each split (default 0.5)")
+    g.add_argument("--folds", type=int, default=None, help="cross-fit over K stratified folds instead of one split")
+    g.add_argument("--split-repeats", type=int, default=d(20), help="random splits to average over (default 20)")
+    g.add_argument("--split-seed", type=int, default=d(0), help="seed of the first split (default 0)")
+    g.add_argument("--epsilon", type=float, default=None,
+                   help="guarantee: at most this share of predictions may change vs the final layer ...")
+    g.add_argument("--delta", type=float, default=d(0.05), help="... with confidence 1 - delta (default 0.05)")
+    if not run:
+        g.add_argument("--risk", default="disagreement", choices=["disagreement", "accuracy-loss"],
+                       help="what epsilon bounds: disagreement with the final layer (default) or final-right-exit-wrong")
+        g.add_argument("--bound", default="clopper-pearson", choices=["clopper-pearson", "hoeffding"])
+        g.add_argument("--correction", default="fixed-sequence", choices=["fixed-sequence", "bonferroni"],
+                       help="multiple testing over the threshold grid (default fixed-sequence)")
+
+
+def _split_and_target(args, speedup: float | None):
+    from eebench.operating import SplitSpec, Target
+
+    split = SplitSpec(args.cal_fraction, args.folds, args.split_repeats, args.split_seed)
+    split.check()
+    if args.epsilon is not None:
+        if getattr(args, "target_drop", None) is not None:
+            raise EebenchError("give either --epsilon/--delta or --target-drop, not both")
+        target = Target(epsilon=args.epsilon, delta=args.delta, risk=args.risk, bound=args.bound,
+                        correction=args.correction)
+    elif getattr(args, "target_drop", None) is not None:
+        target = Target(drop=args.target_drop, delta=args.delta)
+    else:
+        target = Target(speedup=speedup, delta=args.delta)
+    target.check()
+    return split, target
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eebench", description="Benchmark early-exit methods for transformer classifiers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eebench.distributed import add_ray_arguments, add_tune_arguments
 
     add_ray_arguments(r)
+    add_split_arguments(r, run=True)
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=2 cosee.alpha=0.01")
 
     s = sub.add_parser("sweep", help="sweep saved runs with other signals (no retraining)")
@@ -84,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="also write tables, plots and the analysis figures (PNG + CSV) into this folder")
     rep.add_argument("--log-mlflow", metavar="URI",
                      help="log the files written under --out to a 'report' run in this MLflow store")
+    rep.add_argument("--operating", default="heldout", choices=["heldout", "oracle", "both"],
+                     help="operating points: held out (default), oracle (chosen on the scored dev set) or both")
+    rep.add_argument("--target-drop", type=float,
+                     help="main table at the fastest threshold within this drop (0.01 = 1 point) of the final layer")
+    add_split_arguments(rep)
 
     lg = sub.add_parser("log", help="log finished results to an MLflow store (a parent per task, a child per cell)")
     lg.add_argument("results", help="a results folder, a task folder or one cell folder")
@@ -94,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("cell", help="a cell folder (containing result.json and model/)")
     b.add_argument("--signal", default="energy")
     b.add_argument("--thresholds", help="comma-separated thresholds")
-    b.add_argument("--target-speedup", type=float, help="pick the threshold giving this layer speed-up")
+    b.add_argument("--target-speedup", type=float,
+                   help="pick the threshold for this speed-up on a calibration part of dev and bench the evaluation part")
+    b.add_argument("--target-drop", type=float, help="pick the fastest threshold within this drop of the final layer")
+    b.add_argument("--oracle", action="store_true",
+                   help="pick --target-speedup on all dev inputs, which are then benched (the old behaviour)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=None)
@@ -105,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel (default auto: eager on the CPU, sdpa on CUDA)")
     b.add_argument("--tracking-uri")
     b.add_argument("--no-mlflow", action="store_true")
+    add_split_arguments(b)
 
     add_tune_arguments(sub.add_parser("tune", help="hyper-parameter search on Ray Tune; every trial is one eebench cell"))
 
@@ -145,7 +194,7 @@ def cmd_run(args) -> None:
     keys = ["task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
             "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
             "precision", "attn_implementation", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds",
-            "keep_checkpoint"]
+            "keep_checkpoint", "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
     if args.executor == "ray":
         from eebench.distributed import cmd_run_ray
@@ -165,12 +214,15 @@ def cmd_tune(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from eebench.report import load_results, report
+    from eebench.report import load_results, logits_index, report
 
+    split, target = _split_and_target(args, args.speedup)
     rs = load_results(args.results, args.tracking_uri, args.task)
     if args.log_mlflow and not args.out:
         raise EebenchError("--log-mlflow needs --out DIR (the report files are written there, then logged)")
-    print(report(rs, args.out, args.format, args.speedup, args.signal, log_to=args.log_mlflow))
+    logits = {} if args.tracking_uri else logits_index(args.results)
+    print(report(rs, args.out, args.format, args.speedup, args.signal, args.operating, target, split, logits,
+                 log_to=args.log_mlflow))
 
 
 def cmd_sweep(args) -> None:
@@ -220,9 +272,12 @@ def cmd_bench(args) -> None:
         thresholds = [float(x) for x in _csv(args.thresholds)] if args.thresholds else None
     except ValueError:
         raise EebenchError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
+    held = None
+    if thresholds is None and not args.oracle:
+        held = _split_and_target(args, args.target_speedup if args.target_speedup is not None else 2.0)
     bench_cell(args.cell, args.signal, thresholds, args.target_speedup, args.batch_size, args.repeats, args.threads,
                args.samples, args.tracking_uri, args.no_mlflow, precision=args.precision,
-               attn_implementation=args.attn_implementation)
+               attn_implementation=args.attn_implementation, held=held)
 
 
 def main(argv: list[str] | None = None) -> int:

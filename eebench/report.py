@@ -12,6 +12,7 @@ import pandas as pd
 from eebench.errors import EebenchError
 from eebench.exits import metric_at_speedup
 from eebench.grouping import group_cells
+from eebench.operating import SplitSpec, Target
 from eebench.results import CellResult, SignalSweep, find_results
 
 ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
@@ -175,23 +176,113 @@ def _at(sw: SignalSweep, metric: str, target: float) -> float:
     return metric_at_speedup([p["speedup"] for p in sw.points], [p[metric] for p in sw.points], target)
 
 
-def main_table(results: list[CellResult], speedup: float) -> pd.DataFrame:
-    """Task metric (x100) at a matched speed-up, per configuration (``group_cells``) x exit signal,
-    mean ± std over seeds with their number."""
-    cells: dict[tuple[str, str], list[float]] = {}
+class HeldOut:
+    """Held-out operating points of cells (``eebench.operating``), computed from each cell's cached
+    dev logits when ``logits`` knows where they are (cell id -> dev_logits.safetensors), else read
+    from the held-out summary the run stored (only for speed-up targets with the same split).
+
+    ``cell`` returns ``(n, mean, std, mean speed-up)`` over the splits of one cell (metric and
+    speed-up on the evaluation parts), or None when the target was never reached / unknown."""
+
+    def __init__(self, split: SplitSpec | None = None, logits: dict[str, Path] | None = None, num_thresholds: int = 100):
+        self.split = split or SplitSpec()
+        self.split.check()
+        self.logits = logits or {}
+        self.num_thresholds = num_thresholds
+        self._cache: dict = {}
+
+    def describe(self) -> str:
+        return self.split.describe()
+
+    def cell(self, r: CellResult, signal: str, target: Target) -> tuple[int, float, float, float] | None:
+        from dataclasses import asdict
+
+        metric = r.config["main_metric"]
+        sw = r.sweeps[signal]
+        if r.method == "final-only":  # nothing is chosen: the final layer on the whole dev set
+            v = sw.points[0][metric]
+            return (1, v, 0.0, sw.points[0]["speedup"])
+        key = (r.cell_id, signal, target)
+        if key in self._cache:
+            return self._cache[key]
+        out = None
+        if r.cell_id in self.logits:
+            from safetensors.torch import load_file
+
+            from eebench.operating import held_out
+
+            cached = load_file(self.logits[r.cell_id])
+            scale = r.model.get("backbone_layers", 1) / r.model.get("num_layers", 1)
+            # the grid size the run used, so that recomputed and stored held-out points agree
+            grid = int(sw.heldout.get("num_thresholds", self.num_thresholds))
+            op = held_out(cached["logits"], cached["labels"], signal, target, self.split, metric, grid, scale)
+            s = op.summary()
+            if s["metric"] is not None:
+                out = (op.reached, s["metric"], s["metric_std"], s["speedup"])
+        elif target.kind == "speedup" and sw.heldout.get("split") == asdict(self.split):
+            mean = sw.summary.get(f"heldout_{metric}_at_{target.speedup:g}x")
+            if mean is not None:
+                pts = [p for p in sw.heldout.get("points", []) if p.get("target", {}).get("speedup") == target.speedup]
+                n = int(pts[0]["reached"]) if pts else self.split.repeats
+                out = (n, mean, sw.summary.get(f"heldout_{metric}_at_{target.speedup:g}x_std") or 0.0,
+                       sw.summary.get(f"heldout_speedup_at_{target.speedup:g}x"))
+        self._cache[key] = out
+        return out
+
+    def point(self, r: CellResult, signal: str, target: float) -> tuple[float, float]:
+        """(mean metric, mean speed-up reached) for ``analyses.cross_task_table``; NaN when unknown."""
+        got = self.cell(r, signal, Target(speedup=target) if target >= 1.0 else Target(speedup=1.0))
+        return (got[1], got[3]) if got is not None else (float("nan"), float("nan"))
+
+
+def _pooled(parts: list) -> str:
+    """Mean ± std over the pooled splits of several cells (exact from each cell's n, mean, std),
+    and the mean speed-up reached on evaluation."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return "n/a"
+    n = sum(p[0] for p in parts)
+    m = sum(p[0] * p[1] for p in parts) / n
+    ss = sum((p[0] - 1) * p[2] ** 2 + p[0] * (p[1] - m) ** 2 for p in parts)
+    sd = (ss / (n - 1)) ** 0.5 if n > 1 else 0.0
+    sp = sum(p[0] * p[3] for p in parts) / n
+    return f"{100 * m:.1f} ± {100 * sd:.1f} ({sp:.2f}x)"
+
+
+def logits_index(root: str | Path | None) -> dict[str, Path]:
+    """Cell id -> cached dev logits, for every cell folder under ``root`` (<method>-s<seed>-<id>/)."""
+    if not root or not Path(root).exists():
+        return {}
+    root = Path(root)
+    files = [root / "dev_logits.safetensors"] if (root / "dev_logits.safetensors").exists() else root.rglob("dev_logits.safetensors")
+    return {p.parent.name.rsplit("-", 1)[-1]: p for p in files if (p.parent / "result.json").exists()}
+
+
+def main_table(results: list[CellResult], speedup: float, operating: HeldOut | None = None,
+               target: Target | None = None) -> pd.DataFrame:
+    """Task metric (x100) at a matched speed-up, per configuration (``group_cells``) x exit signal.
+
+    ``operating`` None: the oracle (best dev point at or above ``speedup``), mean ± std over seeds
+    with their number. Else held out: the threshold for ``target`` (default: ``speedup``) is chosen
+    on calibration and scored on evaluation (mean ± std over seeds x splits, speed-up reached)."""
+    cells: dict[tuple[str, str], list] = {}
     labels = []
     for g in group_cells(results):
         labels.append(g.label)
         for r in g.cells:
             metric = r.config["main_metric"]
             for s, sw in r.sweeps.items():
-                target = speedup if r.method != "final-only" else 0.0
-                cells.setdefault((g.label, s), []).append(_at(sw, metric, target))
+                if operating is not None:
+                    cells.setdefault((g.label, s), []).append(operating.cell(r, s, target or Target(speedup=speedup)))
+                    continue
+                t = speedup if r.method != "final-only" else 0.0
+                cells.setdefault((g.label, s), []).append(_at(sw, metric, t))
     if not cells:
         raise EebenchError("no sweeps in these results; run `eebench run` or `eebench sweep` first")
     rows = [lbl for lbl in labels if any(k[0] == lbl for k in cells)]
     signals = sorted({k[1] for k in cells})
-    df = pd.DataFrame({s: [_mean_std(cells.get((m, s), [])) for m in rows] for s in signals}, index=rows)
+    fmt = _mean_std if operating is None else _pooled
+    df = pd.DataFrame({s: [fmt(cells.get((m, s), [])) for m in rows] for s in signals}, index=rows)
     df.index.name = "method \\ exit signal"
     return df
 
@@ -201,9 +292,10 @@ def _method_order(m: str) -> tuple[int, str]:
     return (order.index(m) if m in order else len(order), m)
 
 
-def ablation_table(results: list[CellResult], signal: str = "energy", speedups=(1.5, 2.0, 3.0, 4.0)) -> pd.DataFrame:
+def ablation_table(results: list[CellResult], signal: str = "energy", speedups=(1.5, 2.0, 3.0, 4.0),
+                   operating: HeldOut | None = None) -> pd.DataFrame:
     """COSEE, its two ablations and the conventional method at several speed-ups (one signal),
-    one row per configuration."""
+    one row per configuration; oracle points when ``operating`` is None, else held-out ones."""
     rows = {}
     for m in ABLATION:
         for g in group_cells(results):
@@ -211,6 +303,9 @@ def ablation_table(results: list[CellResult], signal: str = "energy", speedups=(
             if g.method != m or not rs:
                 continue
             metric = rs[0].config["main_metric"]
+            if operating is not None:
+                rows[g.label] = [_pooled([operating.cell(r, signal, Target(speedup=x)) for r in rs]) for x in speedups]
+                continue
             rows[g.label] = [_mean_std([_at(r.sweeps[signal], metric, x) for r in rs]) for x in speedups]
     df = pd.DataFrame.from_dict(rows, orient="index", columns=[f"{x:g}x" for x in speedups])
     df.index.name = f"method ({signal})"
@@ -270,10 +365,21 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
 
 
 def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
-           signal: str = "energy", log_to: str | None = None) -> str:
-    """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task."""
+           signal: str = "energy", operating: str = "heldout", target: Target | None = None,
+           split: SplitSpec | None = None, logits: dict[str, Path] | None = None, log_to: str | None = None) -> str:
+    """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task.
+
+    ``operating``: ``heldout`` (default: thresholds chosen on a calibration part of dev, scored on
+    the rest; see ``HeldOut``), ``oracle`` (chosen and scored on the same dev set) or ``both``.
+    ``target``: the main table's operating point (default: ``speedup``); ``logits``: where each
+    cell's cached dev logits are (``logits_index``)."""
     if not results:
         raise EebenchError("no results to report")
+    if operating not in ("heldout", "oracle", "both"):
+        raise EebenchError(f"unknown --operating {operating!r}; known: heldout, oracle, both")
+    target = target or Target(speedup=speedup)
+    target.check()
+    held = HeldOut(split, logits) if operating != "oracle" else None
     from eebench.models import _atomic
 
     text = []
@@ -289,14 +395,28 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         hdr = (f"## {task}: dev {metric} (x100), model {rs[0].config['model']}, exit pooling {', '.join(pool)}, "
                f"head lr {', '.join(head_lr)}, training batches {' and '.join(batching)}, "
                f"seeds {', '.join(map(str, seeds))}")
-        tables = {
-            f"main_{speedup:g}x": (f"{metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it)",
-                                   main_table(rs, speedup)),
-            "layers": ("per-layer dev score of each exit classifier", layer_table(rs)),
-        }
-        abl = ablation_table(rs, signal)
-        if len(abl):
-            tables[f"ablation_{signal}"] = (f"ablation ({signal} exits) at several speed-ups", abl)
+        tables = {}
+        name = (f"main_{target.speedup:g}x" if target.kind == "speedup" else f"main_drop{target.drop:g}"
+                if target.kind == "drop" else f"main_eps{target.epsilon:g}_delta{target.delta:g}")
+        if held is not None:
+            tables[name] = (f"held-out {metric}: {target.describe()}, threshold chosen on a calibration part, scored on "
+                            f"the evaluation part ({held.describe()}); mean ± std over seeds x splits, (speed-up reached "
+                            "on evaluation); n/a: target not reached on calibration, or no cached logits",
+                            main_table(rs, speedup, held, target))
+        if held is None or operating == "both":
+            tables[f"main_{speedup:g}x_oracle"] = (
+                f"oracle {metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it, chosen "
+                "and scored on the same dev set: optimistic)", main_table(rs, speedup))
+        tables["layers"] = ("per-layer dev score of each exit classifier", layer_table(rs))
+        if held is not None:
+            abl = ablation_table(rs, signal, operating=held)
+            if len(abl):
+                tables[f"ablation_{signal}"] = (f"held-out ablation ({signal} exits) at several speed-ups "
+                                                f"({held.describe()})", abl)
+        if held is None or operating == "both":
+            abl = ablation_table(rs, signal)
+            if len(abl):
+                tables[f"ablation_{signal}_oracle"] = (f"oracle ablation ({signal} exits) at several speed-ups", abl)
         text.append(hdr)
         for name, (caption, df) in tables.items():
             rendered = render(df, fmt)
@@ -314,8 +434,9 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                         lbl = f"{g.label.replace('/', '|')} / {s}" + (f" / s{r.seed}" if len(g.cells) > 1 else "")
                         curves[lbl] = sw
             png = plot_pareto(curves, Path(out_dir) / task / "pareto.png",
-                              title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling", metric=metric)
-            text.append(f"\nPareto plot: {png}")
+                              title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling (oracle fronts)",
+                              metric=metric)
+            text.append(f"\nPareto plot (oracle fronts: every dev point): {png}")
             from eebench import analyses
 
             files = analyses.write_all(report_groups(rs), Path(out_dir) / task / "analyses", task,
@@ -327,13 +448,20 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         text.append("")
     from eebench import analyses
 
-    df = analyses.cross_task_table({t: report_groups([r for r in results if r.task == t]) for t in tasks},
-                                   signal=signal, speedup=speedup)
-    caption = (f"Table 2 layout: dev metric (x100) at >= {speedup:g}x with {signal} exits (reached speed-up and "
-               "seeds in brackets); final-only rows are the full model (1.00x) and budget exiting")
-    text += [f"## All tasks\n\n### {caption}\n", render(df, fmt), ""]
-    if out_dir:
-        base = Path(out_dir) / f"table2_{signal}_{speedup:g}x"
+    kinds = ([("", held.point, f"held-out ({held.describe()}; mean over seeds of the mean over splits)")]
+             if held is not None else []) + (
+        [("_oracle" if held is not None else "", None, "oracle: chosen and scored on the same dev set")]
+        if held is None or operating == "both" else [])
+    crosses = []
+    for suffix, pick, how in kinds:
+        df = analyses.cross_task_table({t: report_groups([r for r in results if r.task == t]) for t in tasks},
+                                       signal=signal, speedup=speedup, operating_point=pick)
+        caption = (f"Table 2 layout, {how}: dev metric (x100) at >= {speedup:g}x with {signal} exits (reached "
+                   "speed-up and seeds in brackets); final-only rows are the full model (1.00x) and budget exiting")
+        text += [f"## All tasks\n\n### {caption}\n", render(df, fmt), ""]
+        crosses.append((suffix, df))
+    for suffix, df in crosses if out_dir else []:
+        base = Path(out_dir) / f"table2_{signal}_{speedup:g}x{suffix}"
         for f, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv")):
             rendered = render(df, f)
             path = base.with_name(f"{base.name}.{ext}")

@@ -33,10 +33,14 @@ def git_commit() -> str | None:
 class SignalSweep(BaseModel):
     signal: str
     points: list[dict[str, Any]]  # threshold, speedup, exit_counts, metrics, rates, pareto
-    summary: dict[str, float | None]  # <metric>_at_<x>x (None: speed-up not reached), auc, best
+    # <metric>_at_<x>x: oracle (best dev point at >= x, chosen and scored on the same dev set; None:
+    # not reached), heldout_<metric>_at_<x>x (+ _std, heldout_speedup_at_<x>x), auc, best
+    summary: dict[str, float | None]
     confirm: list[dict[str, Any]] = Field(default_factory=list)  # true early exit vs simulation
     num_thresholds: int | None = None  # the grid size asked for (None: a result from before it was recorded)
     dis: list[float | None] = Field(default_factory=list)  # difficulty inversion score per layer (empty: not computed)
+    # settings behind the held-out ``heldout_*`` / ``guaranteed_*`` summary keys (eebench.operating)
+    heldout: dict[str, Any] = Field(default_factory=dict)
 
 
 class CellResult(BaseModel):

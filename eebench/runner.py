@@ -72,6 +72,13 @@ class RunConfig(BaseModel):
     no_mlflow: bool = False
     num_thresholds: int = Field(default=100, ge=1)
     confirm_thresholds: int = Field(default=3, ge=0)
+    # Held-out operating points in the summaries (eebench.operating); analysis only, not hashed.
+    cal_fraction: float = 0.5
+    folds: int | None = None
+    split_repeats: int = 20
+    split_seed: int = 0
+    epsilon: float | None = None
+    delta: float = 0.05
     progress: bool = True
 
     @field_validator("methods", "signals", mode="before")
@@ -105,6 +112,8 @@ def speed_settings(cfg: RunConfig) -> tuple[str, str]:
 NOT_IDENTITY = frozenset({
     "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
     "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress", "keep_checkpoint",
+    # how operating points are chosen from the cached logits: analysis settings, no number of the cell changes
+    "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta",
 })
 
 
@@ -203,6 +212,7 @@ def validate(cfg: RunConfig):
         build_strategy(m, cfg.method_params.get(m))
     for s in cfg.signals:
         get_signal(s).check_task(spec.num_labels)
+    operating_settings(cfg)
     if not cfg.seeds:
         raise EebenchError("--seeds is empty; give at least one seed, e.g. --seeds 42")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
@@ -288,6 +298,17 @@ def create_output(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
+
+
+def operating_settings(cfg: RunConfig):
+    """The split and the optional guarantee of the held-out summaries (checked: exit 2 if bad)."""
+    from eebench.operating import SplitSpec, Target
+
+    split = SplitSpec(cfg.cal_fraction, cfg.folds, cfg.split_repeats, cfg.split_seed)
+    split.check()
+    guarantee = Target(epsilon=cfg.epsilon, delta=cfg.delta) if cfg.epsilon is not None else None
+    Target(speedup=2.0, delta=cfg.delta).check() if guarantee is None else guarantee.check()
+    return split, guarantee
 
 
 def summarize(sw: Sweep, scale: float = 1.0) -> dict[str, float]:
@@ -600,9 +621,17 @@ class Runner:
             confirm = []
             if trains_exits and self.cfg.confirm_thresholds:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
-            result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summarize(sw, scale), confirm=confirm,
+            summary, heldout = summarize(sw, scale), {}
+            if trains_exits:
+                from eebench.operating import sweep_summary
+
+                split, guarantee = operating_settings(self.cfg)
+                extra, heldout = sweep_summary(logits, labels, s, SUMMARY_SPEEDUPS, split, guarantee, self.spec.main_metric,
+                                               self.cfg.num_thresholds, scale)
+                summary.update(extra)
+            result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summary, confirm=confirm,
                                            num_thresholds=self.cfg.num_thresholds,
-                                           dis=[None if math.isnan(x) else x for x in sw.dis])
+                                           dis=[None if math.isnan(x) else x for x in sw.dis], heldout=heldout)
             result.timings[f"sweep_{s}_s"] = t_sweep
         record_exactness(result)
 
@@ -718,7 +747,9 @@ def _print_cell(r: CellResult) -> None:
     layers = " / ".join(f"{x[metric]:.3f}" for x in r.layers)
     print(f"[{r.method} seed {r.seed}] dev {metric} per layer ({r.model['pooling']} pooling): {layers}", flush=True)
     for s, sw in r.sweeps.items():
-        summ = ", ".join(f"{k} {v:.3f}" for k, v in sw.summary.items() if v is not None)
+        from eebench.operating import mlflow_summary  # oracle_* and heldout_* labelled as in MLflow
+
+        summ = ", ".join(f"{k} {v:.3f}" for k, v in mlflow_summary(sw.summary).items() if not k.endswith("_std"))
         mism = sum(c["prediction_mismatches"] + c["exit_mismatches"] for c in sw.confirm)
         print(f"    {s:9s} {summ}" + (f"; early-exit check: {mism} mismatches" if sw.confirm else ""), flush=True)
 

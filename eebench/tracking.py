@@ -318,7 +318,10 @@ class Tracker:
                 plot_pareto({f"{result.method} / {signal}": sw}, png, title=f"{result.task}: {result.method}, {signal}",
                             metric=result.config.get("main_metric", "accuracy"))
                 self.client.log_artifact(run_id, str(png))
-                metrics += [Metric(f"{signal}_{k}", float(v), ts, 0) for k, v in sw.summary.items() if v is not None]
+                # oracle_* (chosen on the scored dev set) and heldout_* / guaranteed_* have distinct names
+                from eebench.operating import mlflow_summary
+
+                metrics += [Metric(f"{signal}_{k}", v, ts, 0) for k, v in mlflow_summary(sw.summary).items()]
                 if sw.confirm:
                     mism = sum(c["exit_mismatches"] + c["prediction_mismatches"] for c in sw.confirm)
                     metrics.append(Metric(f"{signal}_early_exit_mismatches", float(mism), ts, 0))

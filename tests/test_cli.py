@@ -42,6 +42,8 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
     sw = r.sweeps["energy"]
     assert len(sw.points) >= 10 and {"threshold", "speedup", "exit_counts", "accuracy", "f1", "pareto"} <= set(sw.points[0])
     assert {"accuracy_at_1.5x", "accuracy_at_2x", "accuracy_at_3x", "accuracy_at_4x", "auc"} <= set(sw.summary)
+    assert {"heldout_accuracy_at_2x", "heldout_accuracy_at_2x_std", "heldout_speedup_at_2x"} <= set(sw.summary)
+    assert sw.heldout["split"] == {"cal_fraction": 0.5, "folds": None, "repeats": 20, "seed": 0}
     assert sw.confirm and all(c["exit_mismatches"] == 0 and c["prediction_mismatches"] == 0 for c in sw.confirm)
     assert r.model["pooling"] == "mean" and r.model["head_lr"] == 3e-3
     assert len(r.layers) == 4 and len(r.training["history"]) == 1
@@ -68,7 +70,9 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
                                                        "vanilla-s1 lr=0.003 batch_size=16 pooling=mean",
                                                        "vanilla-s2 lr=0.003 batch_size=16 pooling=mean"]
     assert parents["tags.mlflow.runName"].iloc[0].startswith("toy vanilla+cosee 20")
-    assert children["metrics.energy_accuracy_at_1.5x"].notna().all()
+    assert children["metrics.energy_oracle_accuracy_at_1.5x"].notna().all()
+    assert "metrics.energy_heldout_accuracy_at_1.5x" in children.columns
+    assert "metrics.energy_accuracy_at_1.5x" not in children.columns  # the oracle is always labelled
     assert children["metrics.dev_layer1_accuracy"].notna().all()
     client = mlflow.tracking.MlflowClient(uri)
     cid = children["run_id"].iloc[0]
@@ -97,11 +101,21 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", "--results", str(finished_run), "--out", str(rep)]) == 0
     text = capsys.readouterr().out
-    assert "accuracy at >= 2x speed-up" in text and "±" in text and "exit pooling mean" in text
+    assert "held-out accuracy: best calibration point at >= 2x" in text and "±" in text and "exit pooling mean" in text
+    assert "oracle" not in text.split("Pareto plot")[0]  # held-out by default
     assert (rep / "toy" / "pareto.png").stat().st_size > 1000
     assert {"main_2x.md", "layers.md", "ablation_energy.md"} <= {p.name for p in (rep / "toy").iterdir()}
+    assert main(["report", "--results", str(finished_run), "--operating", "both"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy" in text and "oracle accuracy at >= 2x speed-up" in text
+    # From MLflow there are no cached logits: the held-out summaries stored by the run are used.
     assert main(["report", "--tracking-uri", uri, "--format", "latex"]) == 0
-    assert "\\toprule" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\\toprule" in out and "held-out" in out
+    assert main(["report", "--tracking-uri", uri, "--format", "csv"]) == 0
+    from_mlflow = capsys.readouterr().out
+    assert main(["report", "--results", str(finished_run), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split("Pareto")[0] == from_mlflow.split("Pareto")[0]
     assert main(["report", "--results", str(finished_run), "--format", "csv"]) == 0
 
 
@@ -331,6 +345,9 @@ def test_bench_command_records_wall_clock(finished_run, capsys):
     assert "wall speed-up" in capsys.readouterr().out
     (b,) = json.loads((cell / "result.json").read_text())["bench"]
     assert b["signal"] == "entropy" and b["num_inputs"] == 16
+    # held out by default: chosen on 24 calibration inputs, benched on (16 of) the other 24
+    op = b["operating_point"]
+    assert op["calibration_rows"] == op["evaluation_rows"] == 24 and op["threshold"] == b["runs"][0]["threshold"]
     assert all(v["exit_layers"] == 1.0 and v["predictions"] == 1.0 for v in b["runs"][0]["matches_simulation"].values())
     assert main(["bench", str(finished_run), "--no-mlflow"]) == 2
     assert "is not a finished eebench cell" in capsys.readouterr().err
