@@ -28,7 +28,7 @@ def dev_forward(minilm):
             for i in range(0, len(order), 64):
                 idx = order[i : i + 64]
                 batch = tok.pad([enc[j] for j in idx], return_tensors="pt")
-                out[idx] = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+                out[idx] = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits
         return out
 
     forward()  # warm-up

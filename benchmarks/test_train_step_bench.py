@@ -39,7 +39,7 @@ def test_train_step_ratios(benchmark, minilm):
             model = single
         else:
             model = multi_v if kind == "vanilla" else multi_c
-            loss, _ = (vanilla if kind == "vanilla" else cosee).loss(model(**inputs), labels, ctx)
+            loss, _ = (vanilla if kind == "vanilla" else cosee).compute_loss(model(**inputs), labels, ctx)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

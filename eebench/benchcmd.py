@@ -27,7 +27,7 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     from eebench.data import get_task, load_task, subset, tokenize
     from eebench.inference import bench, format_bench
     from eebench.models import MultiExitModel, resolve_model
-    from eebench.signals import get_signal
+    from eebench.runner import cell_policy
     from eebench.tracking import Tracker, default_tracking_uri
 
     d = Path(cell)
@@ -38,7 +38,7 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     resolve_precision(precision, "cpu", "inference")  # bench runs on the CPU: fp16 is refused up front
     result = CellResult.from_disk(d / "result.json")
     spec = get_task(result.data.get("task_source", result.task))
-    get_signal(signal).check_task(spec.num_labels)
+    cell_policy(result, signal).check_task(spec.num_labels)  # a policy the cell's method lacks: one line
     from transformers import AutoTokenizer
 
     path, _ = resolve_model(result.config["model"])

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head-lr", type=float, help="learning rate of the exit heads (default: --lr)")
     r.add_argument("--batch-size", type=int, help="effective batch size (default 32)")
     r.add_argument("--micro-batch-size", type=int, help="split each batch for gradient accumulation")
-    r.add_argument("--pooling", choices=["cls", "mean", "pooler"], help="exit pooling (default: the backbone's recommendation)")
-    r.add_argument("--final-pooling", choices=["cls", "mean", "pooler"], help="pooling of the final classifier (default: --pooling)")
+    r.add_argument("--pooling", help="exit head kind: cls, mean, pooler, exit-pooler or a registered one "
+                   "(default: the backbone's recommendation)")
+    r.add_argument("--final-pooling", help="head kind of the final classifier (default: --pooling)")
     r.add_argument("--num-layers", type=int, help="keep only the first K layers (budget exiting)")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ray_arguments(r)
     add_split_arguments(r, run=True)
+    _include(r)
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=2 cosee.alpha=0.01")
 
     s = sub.add_parser("sweep", help="sweep saved runs with other signals (no retraining)")
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-thresholds", type=int, default=100)
     s.add_argument("--tracking-uri")
     s.add_argument("--no-mlflow", action="store_true")
+    _include(s)
 
     rep = sub.add_parser("report", help="paper-style tables and Pareto plots from results or MLflow")
     rep.add_argument("--results", default="runs", help="results folder (default runs/)")
@@ -154,28 +157,57 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking-uri")
     b.add_argument("--no-mlflow", action="store_true")
     add_split_arguments(b)
+    _include(b)
 
     add_tune_arguments(sub.add_parser("tune", help="hyper-parameter search on Ray Tune; every trial is one eebench cell"))
 
-    sub.add_parser("list", help="registered methods, signals, tasks and models")
+    _include(sub.add_parser("list", help="registered methods, exit policies, heads, tasks and models (with origins)"))
     return p
 
 
-def cmd_list() -> None:
+def _include(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include", action="append", metavar="DIR",
+                        help="import every .py file in DIR first (your own methods, signals, policies); repeatable")
+
+
+def _load_includes(args) -> None:
+    from eebench.plugins import load_include
+
+    load_include(getattr(args, "include", None) or [])
+
+
+def cmd_list(args=None) -> None:
     from eebench.data import list_tasks
-    from eebench.models import MODEL_ALIASES
-    from eebench.signals import SIGNALS, get_signal
-    from eebench.strategy import list_methods
+    from eebench.models import HEADS, MODEL_ALIASES
+    from eebench.policies import POLICIES, get_policy
+    from eebench.signals import SIGNALS
+    from eebench.strategy import METHODS, list_methods
+
+    if args is not None:
+        _load_includes(args)
+    methods = list_methods()
+
+    def origin(reg, name: str) -> str:
+        o = reg.origin(name)
+        return "" if o == "builtin" else f"  (from {o})"
 
     print("methods (training strategies):")
-    for m in list_methods():
+    for m in methods:
         d = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "no hyper-parameters"
-        print(f"  {m.name:14s} {m.description}  [{d}]")
-    print("signals (exit rules):")
+        own = sorted(m.cls(name=m.name, **m.defaults).policies())
+        pol = f"; exit policies: {', '.join(own)}" if own else ""
+        print(f"  {m.name:20s} {m.description}  [{d}{pol}]{origin(METHODS, m.name)}")
+    print("exit policies (--signals; signals and registered policies work on every cell, a method's own on its cells):")
     for n in SIGNALS.names():
-        s = get_signal(n)
-        rule = ("> tau" if s.strict else ">= tau") if s.higher_is_easier else ("< tau" if s.strict else "<= tau")
-        print(f"  {n:14s} exits when value {rule}")
+        print(f"  {n:20s} {get_policy(n).rule()}{origin(SIGNALS, n)}")
+    for n in POLICIES.names():
+        print(f"  {n:20s} {get_policy(n).rule()}{origin(POLICIES, n)}")
+    for m in methods:
+        for n, cls in m.cls(name=m.name, **m.defaults).policies().items():
+            print(f"  {n:20s} {cls().rule()}  (method {m.name})")
+    print("exit heads (--pooling):")
+    for n in HEADS.names():
+        print(f"  {n:20s} {HEADS.get(n).description}{origin(HEADS, n)}")
     print("tasks:")
     print("  " + ", ".join(list_tasks()) + "  (or a path to your own task YAML)")
     from eebench.runner import list_recipes
@@ -191,7 +223,8 @@ def cmd_list() -> None:
 def cmd_run(args) -> None:
     from eebench.runner import Runner, run_config_from
 
-    keys = ["task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
+    _load_includes(args)  # before the config is checked: it may name plugin methods
+    keys = ["include", "task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
             "lr", "head_lr", "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device",
             "precision", "attn_implementation", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds",
             "keep_checkpoint", "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta"]
@@ -226,12 +259,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from eebench.policies import check_policy_names
     from eebench.runner import sweep_saved
-    from eebench.signals import get_signal
 
+    _load_includes(args)
     signals = _csv(args.signals)
-    for s in signals:
-        get_signal(s)
+    check_policy_names(signals)
     sweep_saved(args.results, signals, args.num_thresholds, args.tracking_uri, args.no_mlflow)
 
 
@@ -262,6 +295,7 @@ def cmd_log(args) -> None:
 def cmd_bench(args) -> None:
     from eebench.benchcmd import bench_cell
 
+    _load_includes(args)
     for flag, v in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--threads", args.threads),
                     ("--samples", args.samples)):
         if v is not None and v < 1:
@@ -284,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        {"list": lambda: cmd_list(), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
+        {"list": lambda: cmd_list(args), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
          "sweep": lambda: cmd_sweep(args), "log": lambda: cmd_log(args), "bench": lambda: cmd_bench(args), "tune": lambda: cmd_tune(args)}[args.command]()
     except EebenchError as e:
         print(f"eebench: error: {e}", file=sys.stderr)

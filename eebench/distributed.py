@@ -205,7 +205,7 @@ def _needs_work(runner, method: str, seed: int, h: str) -> bool:
     from eebench.runner import signals_to_sweep
 
     try:
-        return bool(signals_to_sweep(CellResult.from_disk(p), runner.cfg.signals, runner.cfg.num_thresholds))
+        return bool(signals_to_sweep(CellResult.from_disk(p), runner._cell_policies(method), runner.cfg.num_thresholds))
     except EebenchError:  # unreadable: run_cell sets it aside and trains the cell again
         return True
 
@@ -686,8 +686,8 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
     """``eebench tune``: Ray Tune over ``grid``; each trial is one eebench cell and an MLflow child
     run of the tune run. Prints and saves the table of all trials and the best config; the same
     command (or ``resume=True``) resumes an interrupted search."""
+    from eebench.policies import check_policy_names
     from eebench.runner import Runner, cell_hash, create_output
-    from eebench.signals import get_signal
     from eebench.strategy import build_strategy, get_method
 
     opts = opts or RayOptions()
@@ -704,7 +704,7 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
     space = parse_space(grid, base_mp, search)
     base_cfg = cfg.model_copy(update={"methods": [method], "seeds": cfg.seeds[:1]})
     if signal:
-        get_signal(signal)
+        check_policy_names([signal])
     sig_for_check = signal or _train_signal(method, base_mp)
     runner = Runner(base_cfg.model_copy(update={"signals": [sig_for_check]}))  # validates task, names, output
     obj = parse_objective(objective, list(runner.spec.metrics))

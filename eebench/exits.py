@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eebench.errors import EebenchError
 from eebench.metrics import (
     difficulty_inversion_by_layer,
     exit_counts,
@@ -20,11 +21,13 @@ from eebench.metrics import (
     get_metric,
     speedup_ratios,
 )
-from eebench.signals import Signal, get_signal
+from eebench.policies import ExitPolicy, get_policy
+from eebench.signals import Signal
 
 
-def exit_layers_from_scores(scores: torch.Tensor, signal: Signal, thresholds) -> torch.Tensor:
-    """Scores [N, M] and T thresholds -> LongTensor [T, N] of 1-based exit layers.
+def exit_layers_from_scores(scores: torch.Tensor, signal: Signal | ExitPolicy, thresholds) -> torch.Tensor:
+    """Scores [N, M] and T thresholds -> LongTensor [T, N] of 1-based exit layers (``signal``: a
+    signal or an exit policy: anything with ``meets``).
 
     Comparisons are made in float64, as in true early exit, so that a threshold is never
     rounded onto a score."""
@@ -38,10 +41,19 @@ def exit_layers_from_scores(scores: torch.Tensor, signal: Signal, thresholds) ->
     return torch.where(meets.any(-1), first + 1, torch.full_like(first, m))
 
 
-def simulate_exits(layer_logits: torch.Tensor, signal: str | Signal, thresholds) -> torch.Tensor:
-    """1-based exit layers, LongTensor [T, N], for logits [N, M, C] and T thresholds."""
-    sig = get_signal(signal)
-    return exit_layers_from_scores(sig.score(layer_logits), sig, thresholds)
+def simulate_exits(layer_logits, signal: str | Signal | ExitPolicy, thresholds) -> torch.Tensor:
+    """1-based exit layers, LongTensor [T, N], for T thresholds: ``layer_logits`` is logits
+    [N, M, C] or an ``ExitOutput`` (needed by policies that read exit features)."""
+    pol = get_policy(signal)
+    _check_inputs(pol, layer_logits)
+    return exit_layers_from_scores(pol.scores(layer_logits), pol, thresholds)
+
+
+def _check_inputs(pol: ExitPolicy, layer_logits) -> None:
+    if pol.uses_model and (isinstance(layer_logits, torch.Tensor) or pol.model is None):
+        raise EebenchError(
+            f"exit policy {pol.name!r} reads the model's own modules: simulate it from the model's output "
+            f"(ExitOutput) with get_policy({pol.name!r}, model=model), or sweep its cached values (scores=...)")
 
 
 def predictions_at_exit(layer_logits: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
@@ -52,7 +64,7 @@ def predictions_at_exit(layer_logits: torch.Tensor, exit_layers: torch.Tensor) -
     ).squeeze(1)
 
 
-def threshold_grid(scores: torch.Tensor, signal: Signal, n: int = 100) -> torch.Tensor:
+def threshold_grid(scores: torch.Tensor, signal: Signal | ExitPolicy, n: int = 100) -> torch.Tensor:
     """Thresholds spread over the observed range of internal-layer scores.
 
     Continuous signals: quantiles of the observed values (so that points spread evenly over exit
@@ -185,16 +197,22 @@ class Sweep:
 def sweep(
     layer_logits: torch.Tensor,
     labels: torch.Tensor,
-    signal: str | Signal,
+    signal: str | Signal | ExitPolicy,
     thresholds=None,
     metrics: tuple[str, ...] = ("accuracy",),
     num_thresholds: int = 100,
+    scores: torch.Tensor | None = None,
 ) -> Sweep:
-    """Simulate every threshold at once from cached logits [N, M, C] and score each."""
-    sig = get_signal(signal)
+    """Simulate every threshold at once from cached logits [N, M, C] and score each.
+
+    ``scores`` [N, M]: the policy's cached values (policies that read the method's modules);
+    None: computed from the logits (signals)."""
+    sig = get_policy(signal)
     sig.check_task(layer_logits.shape[-1])
     labels = torch.as_tensor(labels).to(layer_logits.device)
-    scores = sig.score(layer_logits)
+    if scores is None:
+        _check_inputs(sig, layer_logits)
+        scores = sig.scores(layer_logits)
     if thresholds is None:
         thresholds = threshold_grid(scores, sig, num_thresholds)
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)

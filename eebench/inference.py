@@ -10,8 +10,10 @@ threshold, in three modes that all give the exit layers and predictions of the o
 * ``streaming``: the batch is kept full by refilling it with waiting inputs as others exit; every
   sample keeps its own layer position, hidden states and length.
 
-The exit decision is always ``signal.meets(signal.score(...), threshold)``: the maths lives in
-``eebench.signals`` and ``eebench.exits``. ``bench`` measures latency and throughput of every mode
+Every mode drives the model's one ``LayerStepper`` (embed -> layer -> exit head) and asks an exit
+policy (``eebench.policies``: a signal + threshold, or a method's own rule such as BERxiT's LTE or
+PALBERT's Q-exit) after every layer through its incremental form; the maths lives in
+``eebench.signals`` / ``eebench.policies`` and ``eebench.exits``. ``bench`` measures latency and throughput of every mode
 against the full model (all layers, final head only) and returns a JSON-ready dict;
 ``format_bench`` renders it as a markdown table.
 """
@@ -19,6 +21,7 @@ against the full model (all layers, final head only) and returns a JSON-ready di
 from __future__ import annotations
 
 import math
+import operator
 import platform
 import statistics
 import time
@@ -31,10 +34,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from eebench.accel import autocast, machine_info, resolve_precision
 from eebench.errors import EebenchError
-from eebench.exits import exit_layers_from_scores, predictions_at_exit, simulate_exits
+from eebench.exits import exit_layers_from_scores, predictions_at_exit
 from eebench.metrics import exit_counts, speedup_ratio, speedup_ratios
 from eebench.models import MultiExitModel, select_state
-from eebench.signals import Signal, get_signal
+from eebench.policies import ExitPolicy, SignalPolicy, get_policy
+from eebench.signals import Signal
 
 MODES = ("single", "batched", "streaming")
 
@@ -128,23 +132,29 @@ class EngineOutput:
 
 @dataclass
 class _Slot:
-    """A streaming sample between layers: its own unpadded states and exit history."""
+    """A streaming sample between layers: its own unpadded states and exit-policy state."""
 
     index: int
     hidden: torch.Tensor  # [L, H]
     mask: torch.Tensor  # [L]
-    history: torch.Tensor | None  # [m, C] logits of the layers run so far (history signals only)
+    pstate: tuple | None  # the policy's state for this sample (row of every state tensor)
+
+
+_PY_COMPARE = {(False, True): operator.lt, (False, False): operator.le, (True, True): operator.gt,
+               (True, False): operator.ge}
 
 
 class EarlyExitEngine:
-    """Early-exit inference with one signal and threshold on a ``MultiExitModel``.
+    """Early-exit inference with one exit policy and threshold on a ``MultiExitModel``.
 
-    ``run`` returns, in input order, the exit layer, prediction and exit logits of every input;
-    all modes reproduce ``simulate_exits`` on the model's one-pass logits. The model is put in
-    eval mode (and on ``device``); everything runs under ``torch.inference_mode``.
+    ``signal``: a signal name / object or an ``ExitPolicy`` (a method's policy by name, e.g.
+    ``lte``, when the model carries that method's modules). ``run`` returns, in input order, the
+    exit layer, prediction and exit logits of every input; all modes reproduce ``simulate_exits``
+    on the model's one-pass output. The model is put in eval mode (and on ``device``); everything
+    runs under ``torch.inference_mode``.
     """
 
-    def __init__(self, model: MultiExitModel, signal: str | Signal, threshold: float,
+    def __init__(self, model: MultiExitModel, signal: str | Signal | ExitPolicy, threshold: float,
                  device: str | torch.device = "cpu", precision: str = "fp32"):
         self.device = torch.device(device)
         #: The precision that runs: bf16 autocast only on CUDA or a CPU with native bf16 (else
@@ -153,15 +163,25 @@ class EarlyExitEngine:
         if note:
             print(f"warning: {note}", flush=True)
         self.model = model.to(self.device).eval()
-        self.signal = get_signal(signal)
-        self.signal.check_task(model.config.num_labels)
+        self.policy = get_policy(signal, model=self.model)
+        self.policy.check_task(model.config.num_labels)
+        self.signal = self.policy.signal if isinstance(self.policy, SignalPolicy) else self.policy
         self.threshold = float(threshold)
         self.num_layers = model.num_layers
         self.num_labels = model.config.num_labels
         # Compared in float64, exactly as eebench.exits.exit_layers_from_scores does.
         self._thr = torch.tensor(self.threshold, dtype=torch.float64, device=self.device)
-        self._adapter = model.adapter
-        self._heads = model.heads
+        stepper = model.stepper
+        self._embed, self._layer, self._restate = stepper.embed, stepper.layer, stepper.restate
+        # Precomputed per-exit head functions: no module dispatch or dropout check per layer.
+        self._head_fns = stepper.eval_heads()
+        self._step = self.policy.step
+        self._meets = self.policy.meets
+        # Batch size 1 compares one Python float (float64, as the tensor comparison) unless the
+        # policy brings its own ``meets``.
+        default_meets = type(self.policy).meets is ExitPolicy.meets or (
+            isinstance(self.policy, SignalPolicy) and type(self.policy.signal).meets is Signal.meets)
+        self._py_meets = _PY_COMPARE[(self.policy.higher_is_easier, self.policy.strict)] if default_meets else None
 
     # -- public ----------------------------------------------------------------------
     def run(self, examples, mode: str = "single", batch_size: int = 32,
@@ -213,18 +233,18 @@ class EarlyExitEngine:
 
     def _full(self, items: list[Example], b: int, on_layer) -> EngineOutput:
         m = self.num_layers
-        ad, heads = self._adapter, self._heads
+        embed, layer, final = self._embed, self._layer, self._head_fns[m - 1]
         logits_out = []
         with torch.inference_mode(), autocast(self.device, self.precision):
             for start in range(0, len(items), b):
                 group = items[start:start + b]
                 ids, mask, tt = collate(group) if b > 1 else _unbatched(group[0])
-                hidden, state = ad.embed(ids, mask, tt)
+                hidden, state = embed(ids, mask, tt)
                 for i in range(m):
                     if on_layer is not None:
                         on_layer(i + 1, list(range(start, start + len(group))))
-                    hidden = ad.call_layer(i, hidden, state)
-                logits_out.append(heads(m - 1, hidden, mask.to(hidden.dtype)))
+                    hidden = layer(i, hidden, state)
+                logits_out.append(final(hidden, mask.to(hidden.dtype) if b > 1 else None)[1])
         return _output([m] * len(items), logits_out)
 
     def _items(self, examples) -> list[Example]:
@@ -233,83 +253,72 @@ class EarlyExitEngine:
             return examples
         return prepare_examples(examples, self.device)
 
-    def _scores(self, logits: torch.Tensor, history: torch.Tensor | None):
-        """Signal values [n, 1] for one layer's logits [n, C]; also the updated history (all
-        layers' logits so far, for signals that need it; else None)."""
-        sig = self.signal
-        logits = logits.float()  # bf16 heads: decide on the float32 logits, as the simulation does
-        if sig.needs_history:
-            history = logits.unsqueeze(1) if history is None else torch.cat([history, logits.unsqueeze(1)], 1)
-            return sig.score(history)[:, -1:], history
-        return sig.score(logits.unsqueeze(1)), history
+    def _leave(self, layer: int, logits: torch.Tensor, features: torch.Tensor, pstate):
+        """Exit decisions [n] (compared in float64, as the sweep does) and the policy state."""
+        scores, pstate = self._step(layer, logits, features, pstate)
+        return self._meets(scores.double(), self._thr), pstate
 
-    def _leave(self, logits: torch.Tensor, history: torch.Tensor | None):
-        """Exit decisions [n, 1] (compared in float64, as the sweep does) and the history."""
-        scores, history = self._scores(logits, history)
-        return self.signal.meets(scores.double(), self._thr), history
-
-    def _leave_one(self, logits: torch.Tensor, history: torch.Tensor | None):
-        """Batch size 1: the decision as a Python bool. The score is read once and compared as a
+    def _leave_one(self, layer: int, logits: torch.Tensor, features: torch.Tensor, pstate):
+        """Batch size 1: the decision as a Python bool. The value is read once and compared as a
         Python float (float64), which is exactly the tensor comparison with fewer kernels."""
-        scores, history = self._scores(logits, history)
-        return bool(self.signal.meets(float(scores), self.threshold)), history
-
-    def _state(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
-        """What every layer needs for a batch of hidden states, as ``adapter.embed`` builds it."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        ad = self._adapter
-        state = {"mask": create_bidirectional_mask(config=ad.config, inputs_embeds=hidden, attention_mask=mask)}
-        state.update(ad.extra_state(hidden))
-        return state
+        scores, pstate = self._step(layer, logits, features, pstate)
+        if self._py_meets is not None:
+            return self._py_meets(float(scores), self.threshold), pstate
+        return bool(self._meets(scores.double(), self._thr)), pstate
 
     def _single(self, items: list[Example], on_layer) -> EngineOutput:
         m = self.num_layers
-        ad, heads = self._adapter, self._heads
+        embed, layer, heads, step = self._embed, self._layer, self._head_fns, self._step
+        cmp, thr = self._py_meets, self.threshold
+        begin = self.policy.begin
         layers, logits_out = [], []
         for j, ex in enumerate(items):
             ids, mask, tt = _unbatched(ex)
-            hidden, state = ad.embed(ids, mask, tt)
-            hmask = None  # one unpadded input: heads pool over every token
-            history = None
+            hidden, state = embed(ids, mask, tt)
+            pstate = begin()
             for i in range(m):
                 if on_layer is not None:
                     on_layer(i + 1, [j])
-                hidden = ad.call_layer(i, hidden, state)
-                logits = heads(i, hidden, hmask)
+                hidden = layer(i, hidden, state)
+                feats, logits = heads[i](hidden, None)  # one unpadded input: pool over every token
                 if i == m - 1:
                     break
-                leave, history = self._leave_one(logits, history)
-                if leave:
-                    break
+                if cmp is not None:  # the hot path, inlined
+                    scores, pstate = step(i, logits, feats, pstate)
+                    if cmp(float(scores), thr):
+                        break
+                else:
+                    leave, pstate = self._leave_one(i, logits, feats, pstate)
+                    if leave:
+                        break
             layers.append(i + 1)
             logits_out.append(logits)
         return _output(layers, logits_out)
 
     def _batched(self, items: list[Example], b: int, on_layer) -> EngineOutput:
         n, m = len(items), self.num_layers
-        ad, heads = self._adapter, self._heads
+        embed, layer, heads = self._embed, self._layer, self._head_fns
         exit_layer = torch.full((n,), m, dtype=torch.long)
         exit_logits = torch.zeros(n, self.num_labels)
         lengths_all = torch.tensor([len(e) for e in items])
         for start in range(0, n, b):
             group = items[start:start + b]
             ids, mask, tt = collate(group)
-            hidden, state = ad.embed(ids, mask, tt)
+            hidden, state = embed(ids, mask, tt)
             hmask = mask.to(hidden.dtype)
             alive = torch.arange(start, start + len(group))
             lengths = lengths_all[start:start + len(group)]
-            history = None
+            pstate = self.policy.begin()
             for i in range(m):
                 if on_layer is not None:
                     on_layer(i + 1, alive.tolist())
-                hidden = ad.call_layer(i, hidden, state)
-                logits = heads(i, hidden, hmask)
+                hidden = layer(i, hidden, state)
+                feats, logits = heads[i](hidden, hmask)
                 if i == m - 1:
                     exit_logits[alive] = logits.float().cpu()
                     break
-                leave, history = self._leave(logits, history)
-                leave = leave.squeeze(1).cpu()
+                leave, pstate = self._leave(i, logits, feats, pstate)
+                leave = leave.cpu()
                 if not leave.any():
                     continue
                 gone = alive[leave]
@@ -321,13 +330,13 @@ class EarlyExitEngine:
                 alive, lengths = alive[stay], lengths[stay]
                 stay_d = stay.to(self.device)
                 hidden, mask, hmask = hidden[stay_d], mask[stay_d], hmask[stay_d]
-                if history is not None:
-                    history = history[stay_d]
+                if pstate is not None:
+                    pstate = tuple(t[stay_d] for t in pstate)
                 width = int(lengths.max())
                 if width < hidden.shape[1]:
                     # The longest samples have left: drop the padding columns nobody needs any more.
                     hidden, mask, hmask = hidden[:, :width], mask[:, :width], hmask[:, :width]
-                    state = self._state(hidden, mask)
+                    state = self._restate(hidden, mask)
                 else:
                     state = select_state(state, stay_d)
         return EngineOutput(exit_layer, exit_logits.argmax(-1), exit_logits)
@@ -342,7 +351,7 @@ class EarlyExitEngine:
         queue stays below 2 * ``b`` samples.
         """
         n, m = len(items), self.num_layers
-        ad, heads = self._adapter, self._heads
+        embed, run_layer, heads = self._embed, self._layer, self._head_fns
         queues: list[deque[_Slot]] = [deque() for _ in range(m)]
         exit_layer = [m] * n
         exit_logits: list[torch.Tensor | None] = [None] * n
@@ -355,8 +364,8 @@ class EarlyExitEngine:
                 index = list(range(next_input, next_input + len(group_items)))
                 next_input += len(group_items)
                 ids, mask, tt = collate(group_items)
-                hidden, state = ad.embed(ids, mask, tt)
-                history = None
+                hidden, state = embed(ids, mask, tt)
+                pstate = self.policy.begin()
                 layer = 0
             else:
                 if layer is None:
@@ -375,26 +384,27 @@ class EarlyExitEngine:
                 index = [s.index for s in slots]
                 hidden = pad_sequence([s.hidden for s in slots], batch_first=True)
                 mask = pad_sequence([s.mask for s in slots], batch_first=True)
-                history = torch.stack([s.history for s in slots]) if slots[0].history is not None else None
-                state = self._state(hidden, mask)
+                pstate = None if slots[0].pstate is None else tuple(
+                    torch.stack(parts) for parts in zip(*(s.pstate for s in slots), strict=True))
+                state = self._restate(hidden, mask)
             if on_layer is not None:
                 on_layer(layer + 1, index)
-            hidden = ad.call_layer(layer, hidden, state)
-            logits = heads(layer, hidden, mask.to(hidden.dtype))
+            hidden = run_layer(layer, hidden, state)
+            feats, logits = heads[layer](hidden, mask.to(hidden.dtype))
             if layer == m - 1:
                 for j, k in enumerate(index):
                     exit_logits[k] = logits[j]
                 continue
-            leave, history = self._leave(logits, history)
+            leave, pstate = self._leave(layer, logits, feats, pstate)
             nxt = queues[layer + 1]
-            for j, (k, gone) in enumerate(zip(index, leave.squeeze(1).tolist(), strict=True)):
+            for j, (k, gone) in enumerate(zip(index, leave.tolist(), strict=True)):
                 if gone:
                     exit_layer[k] = layer + 1
                     exit_logits[k] = logits[j]
                 else:
                     length = lengths[k]
                     nxt.append(_Slot(k, hidden[j, :length], mask[j, :length],
-                                     None if history is None else history[j]))
+                                     None if pstate is None else tuple(t[j] for t in pstate)))
         logits = torch.stack(exit_logits).float().cpu()
         return EngineOutput(torch.tensor(exit_layer, dtype=torch.long), logits.argmax(-1), logits)
 
@@ -413,6 +423,22 @@ def _unbatched(ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
 def _output(layers: list[int], logits: list[torch.Tensor]) -> EngineOutput:
     lg = torch.cat(logits).float().cpu()
     return EngineOutput(torch.tensor(layers, dtype=torch.long), lg.argmax(-1), lg)
+
+
+def early_exit(model: MultiExitModel, input_ids, attention_mask, policy, threshold: float, token_type_ids=None,
+               on_layer: LayerCallback | None = None):
+    """True early exit on one padded batch: layer by layer, samples that exit leave the batch.
+
+    ``policy``: a signal name / object or an ``ExitPolicy``. Returns (exit layers [N] 1-based,
+    predictions [N], logits at exit [N, C]); the engine's batched mode over the whole batch.
+    ``on_layer(layer, indices)`` is called before each layer with the rows about to run it.
+    """
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids
+    engine = EarlyExitEngine(model, policy, threshold, device=input_ids.device)
+    out = engine.run(batch, mode="batched", batch_size=max(1, input_ids.shape[0]), on_layer=on_layer)
+    return out.exit_layers, out.predictions, out.logits
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -438,17 +464,36 @@ def one_pass_logits(model: MultiExitModel, examples, batch_size: int = 32,
     with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(items), batch_size):
             ids, mask, tt = collate(items[start:start + batch_size])
-            out.append(model(ids, mask, tt).float().cpu())
+            out.append(model(ids, mask, tt).logits.float().cpu())
     return torch.cat(out)
 
 
-def pick_threshold(layer_logits: torch.Tensor, signal: str | Signal, target_speedup: float,
-                   tolerance: float = 0.02) -> ThresholdChoice:
+def one_pass_scores(model: MultiExitModel, examples, policy: str | Signal | ExitPolicy, batch_size: int = 32,
+                    device: str | torch.device = "cpu", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, M, C] float32, the policy's values [N, M] float64) from ``model.forward`` in
+    input-order batches: what the simulation of any threshold needs."""
+    items = prepare_examples(examples, device)
+    model = model.to(device).eval()
+    pol = get_policy(policy, model=model)
+    logits, scores = [], []
+    with torch.inference_mode(), autocast(device, precision):
+        for start in range(0, len(items), batch_size):
+            ids, mask, tt = collate(items[start:start + batch_size])
+            out = model(ids, mask, tt)
+            logits.append(out.logits.float().cpu())
+            scores.append(pol.scores(out).double().cpu())
+    return torch.cat(logits), torch.cat(scores)
+
+
+def pick_threshold(layer_logits: torch.Tensor, signal: str | Signal | ExitPolicy, target_speedup: float,
+                   tolerance: float = 0.02, scores: torch.Tensor | None = None) -> ThresholdChoice:
     """The threshold whose simulated layer speed-up on ``layer_logits`` [N, M, C] is closest to
     ``target_speedup``; among those within ``tolerance`` (relative) of the closest, the one
-    farthest from any observed signal value. Candidates sit midway between observed values."""
-    sig = get_signal(signal)
-    scores = sig.score(layer_logits)
+    farthest from any observed value. Candidates sit midway between observed values.
+    ``scores`` [N, M]: the policy's values when they do not come from the logits alone."""
+    sig = get_policy(signal)
+    if scores is None:
+        scores = sig.scores(layer_logits)
     m = scores.shape[-1]
     if sig.integer:
         cands = torch.arange(1, max(m, 2), dtype=torch.float64)
@@ -502,7 +547,7 @@ def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict
     everything early exit adds to a layer), each as min / median / max over ``repeats``.
     """
     items = engine._items(examples)
-    ad, heads, m = engine._adapter, engine._heads, engine.num_layers
+    embed, layer, heads, m = engine._embed, engine._layer, engine._head_fns, engine.num_layers
     clock, dev = time.perf_counter, engine.device
     fr, hfr, lt, ht, st = [], [], [], [], []
     if m < 2:
@@ -512,17 +557,17 @@ def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict
             t_layer = t_head = t_sig = 0.0
             for ex in items:
                 ids, mask, tt = _unbatched(ex)
-                hidden, state = ad.embed(ids, mask, tt)
-                history = None
+                hidden, state = embed(ids, mask, tt)
+                pstate = engine.policy.begin()
                 for i in range(m - 1):
                     t0 = clock()
-                    hidden = ad.call_layer(i, hidden, state)
+                    hidden = layer(i, hidden, state)
                     _sync(dev)
                     t1 = clock()
-                    logits = heads(i, hidden, None)
+                    feats, logits = heads[i](hidden, None)
                     _sync(dev)
                     t2 = clock()
-                    _, history = engine._leave_one(logits, history)
+                    _, pstate = engine._leave_one(i, logits, feats, pstate)
                     t3 = clock()
                     t_layer += t1 - t0
                     t_head += t2 - t1
@@ -586,7 +631,7 @@ def bench(
     over rounds is a spread {``min``, ``median``, ``max``}.
     """
     device = torch.device(device)
-    sig = get_signal(signal)
+    sig = get_policy(signal, model=model)
     if repeats < 1:
         raise EebenchError(f"repeats must be at least 1, got {repeats}")
     b = _check_batch(batch_size)
@@ -600,11 +645,11 @@ def bench(
     try:
         items = prepare_examples(examples, device)
         n, m = len(items), model.num_layers
-        layer_logits = one_pass_logits(model, items, b, device, precision)
+        layer_logits, layer_scores = one_pass_scores(model, items, sig, b, device, precision)
         if thresholds is None:
             targets = [2.0] if target_speedup is None else _as_list(target_speedup)
-            runs = [{"threshold": pick_threshold(layer_logits, sig, t).threshold, "target_speedup": t}
-                    for t in targets]
+            runs = [{"threshold": pick_threshold(layer_logits, sig, t, scores=layer_scores).threshold,
+                     "target_speedup": t} for t in targets]
         else:
             runs = [{"threshold": t, "target_speedup": None} for t in _as_list(thresholds)]
         engines = [EarlyExitEngine(model, sig, r["threshold"], device, precision) for r in runs]
@@ -674,7 +719,7 @@ def bench(
             totals = [tot[key] for _, tot, _ in rounds]
             return {"total_s": _spread(totals), "throughput": _spread([n / t for t in totals])}
 
-        sim = simulate_exits(layer_logits, sig, [r["threshold"] for r in runs])  # [T, N]
+        sim = exit_layers_from_scores(layer_scores, sig, [r["threshold"] for r in runs])  # [T, N]
         sim_preds = predictions_at_exit(layer_logits, sim)
         for e, (run, eng) in enumerate(zip(runs, engines, strict=True)):
             outs = {mode: eng.run(items, mode, b, sort_by_length=sort_by_length) for mode in MODES}

@@ -3,8 +3,8 @@
 Two forward modes on the same weights:
 
 * ``forward`` runs all layers in one pass and returns logits of every layer, [N, M, C];
-* ``early_exit`` runs layer by layer and stops computing for a sample once it exits (batched:
-  exited samples leave the batch; batch size 1 is the special case).
+* ``eebench.inference`` (``early_exit``, ``EarlyExitEngine``) runs layer by layer through the same
+  ``LayerStepper`` and stops computing for a sample once it exits.
 
 The backbone is driven layer by layer through a small per-architecture adapter (embeddings, the
 attention mask built by the model's own masking utility, the list of layers and how each is
@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from eebench.errors import EebenchError
-
-POOLINGS = ("cls", "mean", "pooler")
+from eebench.registry import Registry
 
 # --------------------------------------------------------------------------- model aliases
 
@@ -135,6 +134,15 @@ class EncoderAdapter:
         state.update(self.extra_state(hidden))
         return hidden, state
 
+    def restate(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
+        """``embed``'s per-layer state for a new set of rows / columns (the engine trims and
+        regroups batches between layers)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        state = {"mask": create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)}
+        state.update(self.extra_state(hidden))
+        return state
+
     def pretrained_pooler(self) -> nn.Linear | None:
         pooler = getattr(self.model, "pooler", None)
         if pooler is None:
@@ -212,51 +220,200 @@ def select_state(state: dict, keep: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- heads
 
 
+@dataclass(frozen=True)
+class HeadKind:
+    """How an exit turns a layer's token states into the vector its classifier sees.
+
+    ``tokens``: ``cls`` (the first token) or ``mean`` (masked mean over real tokens);
+    ``transform``: ``none``, ``shared`` (one dense + tanh for every exit that uses it, stored as
+    ``heads.pooler``, the official COSEE code) or ``per-exit`` (one dense + tanh per exit, stored as
+    ``heads.exit_poolers.<i>``, DeeBERT / BERxiT); a transform starts from the backbone's
+    pretrained pooler when it has one.
+    """
+
+    name: str
+    tokens: str
+    transform: str = "none"
+    description: str = ""
+
+
+HEADS: Registry[HeadKind] = Registry("pooling")
+
+
+def register_head(kind: HeadKind) -> HeadKind:
+    """Register an exit-head kind under ``kind.name`` (usable as ``--pooling NAME``)."""
+    if kind.tokens not in ("cls", "mean") or kind.transform not in ("none", "shared", "per-exit"):
+        raise ValueError(f"head kind {kind.name}: tokens must be cls|mean, transform none|shared|per-exit")
+    HEADS.register(kind.name, kind)
+    return kind
+
+
+register_head(HeadKind("cls", "cls", "none", "[CLS] vector + linear (the COSEE paper's text)"))
+register_head(HeadKind("mean", "mean", "none", "masked mean over tokens + linear"))
+register_head(HeadKind("pooler", "cls", "shared", "the pretrained dense + tanh pooler on [CLS], shared by all exits "
+                       "(the official COSEE code)"))
+register_head(HeadKind("exit-pooler", "cls", "per-exit", "a dense + tanh pooler per exit on [CLS], each initialised "
+                       "from the pretrained pooler (DeeBERT / BERxiT)"))
+
+#: Built-in poolings, in the order the help lists them (``HEADS.names()`` has every registered one).
+POOLINGS = ("cls", "mean", "pooler", "exit-pooler")
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """[N, L, H] token states -> [N, H]: [CLS] vector, or the mean over real (unpadded) tokens
-    (``attention_mask`` None: every token is real)."""
-    if how in ("cls", "pooler"):
+    (``attention_mask`` None: every token is real). ``how`` is a token pooling (cls / mean) or
+    the name of a registered head kind."""
+    if how not in ("cls", "mean"):
+        how = HEADS.get(how).tokens
+    if how == "cls":
         return hidden[:, 0]
-    if how == "mean":
-        if attention_mask is None:  # no padding (e.g. batch size 1): a plain mean, fewer kernels
-            return hidden.mean(1)
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    raise EebenchError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
+    if attention_mask is None:  # no padding (e.g. batch size 1): a plain mean, fewer kernels
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _dense_like(hidden_size: int, pretrained: nn.Linear | None) -> nn.Linear:
+    lin = nn.Linear(hidden_size, hidden_size)
+    if pretrained is not None:
+        lin.load_state_dict(pretrained.state_dict())
+    else:
+        nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+#: ``head(hidden [n, L, H], mask [n, L] or None) -> (features [n, H], logits [n, C])``
+HeadFn = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 class ExitHeads(nn.Module):
-    """One classifier per layer: pooled vector -> [shared pretrained pooler] -> dropout -> linear.
+    """One classifier per layer: pooled vector -> [dense + tanh pooler] -> dropout -> linear.
 
-    Pooling ``cls`` / ``mean`` with a linear classifier is the paper's "single linear layer";
-    ``pooler`` is the official COSEE code (the backbone's dense + tanh pooler on [CLS], shared
-    by every exit and initialised from the pretrained weights).
+    The pooling of every exit is a registered ``HeadKind`` (``HEADS``). ``exit`` returns the
+    features (the vector the classifier sees, after dropout in training) and the logits.
     """
 
     def __init__(self, hidden_size, num_labels, num_layers, pooling, final_pooling, dropout, pretrained_pooler):
         super().__init__()
         self.pooling = [pooling] * (num_layers - 1) + [final_pooling]
+        kinds = [HEADS.get(p) for p in self.pooling]
+        self._tokens = [k.tokens for k in kinds]
         self.dropout = nn.Dropout(dropout)
         self.classifiers = nn.ModuleList(nn.Linear(hidden_size, num_labels) for _ in range(num_layers))
         for lin in self.classifiers:
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
         self.pooler = None
-        if "pooler" in self.pooling:
-            self.pooler = nn.Linear(hidden_size, hidden_size)
-            if pretrained_pooler is not None:
-                self.pooler.load_state_dict(pretrained_pooler.state_dict())
-            else:
-                nn.init.normal_(self.pooler.weight, std=0.02)
-                nn.init.zeros_(self.pooler.bias)
+        if any(k.transform == "shared" for k in kinds):
+            self.pooler = _dense_like(hidden_size, pretrained_pooler)
+        self.exit_poolers = None
+        per_exit = [i for i, k in enumerate(kinds) if k.transform == "per-exit"]
+        if per_exit:
+            self.exit_poolers = nn.ModuleDict({str(i): _dense_like(hidden_size, pretrained_pooler) for i in per_exit})
+        self._transforms: list[nn.Linear | None] = [
+            self.pooler if k.transform == "shared" else self.exit_poolers[str(i)] if k.transform == "per-exit" else None
+            for i, k in enumerate(kinds)
+        ]
 
-    def forward(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def exit(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+        """(pooled [N, H], features [N, H], logits [N, C]) of exit ``layer`` (0-based) from its
+        token states: ``pooled`` before dropout, ``features`` what the classifier sees (after
+        dropout in training; the same tensor as ``pooled`` in eval)."""
+        x = pool(hidden, attention_mask, self._tokens[layer])
+        t = self._transforms[layer]
+        if t is not None:
+            x = torch.tanh(t(x))
+        f = self.dropout(x) if self.training else x
+        return x, f, self.classifiers[layer](f)
+
+    def forward(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of exit ``layer`` (0-based) from that layer's token states."""
-        how = self.pooling[layer]
-        x = pool(hidden, attention_mask, how)
-        if how == "pooler":
-            x = torch.tanh(self.pooler(x))
-        return self.classifiers[layer](self.dropout(x) if self.training else x)
+        return self.exit(layer, hidden, attention_mask)[2]
+
+    def eval_fns(self) -> list[HeadFn]:
+        """One plain function per exit for inference (no dropout, no module dispatch): the same
+        operations as ``exit`` in eval mode, with the pooling and weights looked up once."""
+        F_linear, tanh = torch.nn.functional.linear, torch.tanh
+
+        def make(i: int) -> HeadFn:
+            cls_ = self._tokens[i] == "cls"
+            lin, t = self.classifiers[i], self._transforms[i]
+            if cls_ and t is None:
+                return lambda h, m: (x := h[:, 0], F_linear(x, lin.weight, lin.bias))
+            if cls_:
+                return lambda h, m: (x := tanh(F_linear(h[:, 0], t.weight, t.bias)), F_linear(x, lin.weight, lin.bias))
+            if t is None:
+                return lambda h, m: (x := pool(h, m, "mean"), F_linear(x, lin.weight, lin.bias))
+            return lambda h, m: (x := tanh(F_linear(pool(h, m, "mean"), t.weight, t.bias)),
+                                 F_linear(x, lin.weight, lin.bias))
+
+        return [make(i) for i in range(len(self.classifiers))]
+
+
+# --------------------------------------------------------------------------- output and stepper
+
+
+@dataclass
+class ExitOutput:
+    """What one pass over every layer gives a method or an exit policy.
+
+    ``logits`` [N, M, C] of every exit; ``features`` [N, M, H], the vector each exit's classifier
+    saw (pooled, transformed, after dropout in training); ``pooled`` [N, M, H] the same before
+    dropout (the same tensor in eval); ``hidden_states``: the token states after every layer
+    ([N, L, H] each) when asked for, else None; ``mask`` [N, L] the attention mask.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of ``logits`` (so ``out.shape`` reads like the old tensor output)."""
+        return self.logits.shape
+
+
+class LayerStepper:
+    """embed -> layer i -> exit head i: the one implementation that every mode drives.
+
+    ``run`` is the one-pass forward (training, evaluation, simulation); the inference engine
+    calls ``embed`` / ``layer`` / ``head`` layer by layer (batch size 1, batched, streaming).
+    ``head`` is the module path (dropout in training); ``eval_heads`` the precomputed inference
+    functions with the same operations.
+    """
+
+    def __init__(self, model: MultiExitModel):
+        self.adapter = model.adapter
+        self.heads = model.heads
+        self.num_layers = model.num_layers
+        self.embed = self.adapter.embed
+        self.layer = self.adapter.call_layer
+        self.head = self.heads.exit
+        self.restate = self.adapter.restate
+
+    def eval_heads(self) -> list[HeadFn]:
+        return self.heads.eval_fns()
+
+    def run(self, input_ids, attention_mask, token_type_ids=None, hidden_states: bool = False) -> ExitOutput:
+        hidden, state = self.embed(input_ids, attention_mask, token_type_ids)
+        logits, feats, pooled, hs = [], [], [], []
+        layer, head = self.layer, self.head
+        for i in range(self.num_layers):
+            hidden = layer(i, hidden, state)
+            x, f, z = head(i, hidden, attention_mask)
+            logits.append(z)
+            feats.append(f)
+            pooled.append(x)
+            if hidden_states:
+                hs.append(hidden)
+        features = torch.stack(feats, 1)
+        # In eval ``features`` is ``pooled``: one tensor, no second stack.
+        pooled_t = features if feats[0] is pooled[0] else torch.stack(pooled, 1)
+        return ExitOutput(torch.stack(logits, 1), features, pooled_t, attention_mask,
+                          tuple(hs) if hidden_states else None)
 
 
 # --------------------------------------------------------------------------- the model
@@ -276,6 +433,10 @@ class MultiExitConfig:
     # eager | sdpa | auto (eebench.accel.choose_attn_implementation for the default device);
     # None (configs saved before this field existed): auto
     attn_implementation: str | None = None
+    # The method whose own modules (``model.extras``) this model carries, and its hyper-parameters:
+    # ``load`` rebuilds those modules before reading the weights. None: no extra module.
+    method: str | None = None
+    method_params: dict = field(default_factory=dict)
 
     def resolved(self) -> MultiExitConfig:
         cfg = MultiExitConfig(**asdict(self))
@@ -283,8 +444,8 @@ class MultiExitConfig:
         cfg.pooling = cfg.pooling or rec
         cfg.final_pooling = cfg.final_pooling or cfg.pooling
         for p in (cfg.pooling, cfg.final_pooling):
-            if p not in POOLINGS:
-                raise EebenchError(f"unknown pooling {p!r}; known: {', '.join(POOLINGS)}")
+            if p not in HEADS:
+                raise EebenchError(f"unknown pooling {p!r}; known: {', '.join(HEADS.names())}")
         return cfg
 
 
@@ -313,6 +474,22 @@ class MultiExitModel(nn.Module):
             hidden, config.num_labels, k, config.pooling, config.final_pooling, dropout,
             self.adapter.pretrained_pooler(),
         )
+        #: Modules a training method adds (an LTE head, lambda layers, ...), saved with the model.
+        self.extras = nn.ModuleDict()
+        self.stepper = LayerStepper(self)
+
+    def attach(self, strategy) -> None:
+        """Add ``strategy``'s own modules (``strategy.modules(self)``) to ``extras`` and record the
+        method in the config so that ``load`` rebuilds them."""
+        if strategy.model is self:  # already attached (the trainer attaches too): idempotent
+            return
+        mods = strategy.modules(self)
+        strategy.model = self
+        for name, mod in mods.items():
+            self.extras[name] = mod
+        if mods:
+            self.config.method = strategy.name
+            self.config.method_params = {k: v for k, v in strategy.hparams.items()}
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -340,30 +517,10 @@ class MultiExitModel(nn.Module):
         return cls(backbone, config)
 
     # -- forward modes ----------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Logits of every exit in one pass: [N, M, C]."""
-        hidden, state = self.adapter.embed(input_ids, attention_mask, token_type_ids)
-        out = []
-        for i in range(self.num_layers):
-            hidden = self.adapter.call_layer(i, hidden, state)
-            out.append(self.heads(i, hidden, attention_mask))
-        return torch.stack(out, dim=1)
-
-    def early_exit(self, input_ids, attention_mask, signal, threshold, token_type_ids=None, on_layer=None):
-        """True early exit on one padded batch: layer by layer, samples that exit leave the batch.
-
-        Returns (exit layers [N] 1-based, predictions [N], logits at exit [N, C]). A thin
-        wrapper over ``eebench.inference.EarlyExitEngine`` (batched mode); ``on_layer(layer,
-        indices)`` is called before each layer with the rows about to run it.
-        """
-        from eebench.inference import EarlyExitEngine
-
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            batch["token_type_ids"] = token_type_ids
-        engine = EarlyExitEngine(self, signal, threshold, device=input_ids.device)
-        out = engine.run(batch, mode="batched", batch_size=max(1, input_ids.shape[0]), on_layer=on_layer)
-        return out.exit_layers, out.predictions, out.logits
+    def forward(self, input_ids, attention_mask, token_type_ids=None, hidden_states: bool = False) -> ExitOutput:
+        """Every exit in one pass: ``ExitOutput`` with logits [N, M, C], exit features [N, M, H],
+        the mask, and the token states of every layer when ``hidden_states``."""
+        return self.stepper.run(input_ids, attention_mask, token_type_ids, hidden_states)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -401,6 +558,10 @@ class MultiExitModel(nn.Module):
                               attn_implementation or cfg.attn_implementation, map_location)
         cfg.attn_implementation = backbone.config._attn_implementation
         model = cls(backbone, cfg)
+        if cfg.method:
+            from eebench.strategy import build_strategy
+
+            model.attach(build_strategy(cfg.method, cfg.method_params))
         missing, unexpected = model.load_state_dict(load_file(d / "model.safetensors", device=str(map_location)), strict=False)
         if missing or unexpected:
             raise EebenchError(f"checkpoint {d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

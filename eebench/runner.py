@@ -29,7 +29,6 @@ from eebench.errors import EebenchError
 from eebench.exits import Sweep, predictions_at_exit, sweep
 from eebench.models import MultiExitConfig, MultiExitModel, _atomic, resolve_model
 from eebench.results import CellResult, SignalSweep, UnreadableResult
-from eebench.signals import get_signal
 from eebench.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
 
 log = logging.getLogger("eebench")
@@ -42,6 +41,7 @@ class RunConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
+    include: list[str] = Field(default_factory=list)  # plugin folders / files (--include), loaded by validate
     task: str = "sst2"
     methods: list[str] = Field(default_factory=lambda: ["cosee", "vanilla"])
     signals: list[str] = Field(default_factory=lambda: ["energy", "entropy", "softmax", "patience"])
@@ -81,7 +81,7 @@ class RunConfig(BaseModel):
     delta: float = 0.05
     progress: bool = True
 
-    @field_validator("methods", "signals", mode="before")
+    @field_validator("methods", "signals", "include", mode="before")
     @classmethod
     def _split(cls, v):
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
@@ -201,8 +201,10 @@ def validate(cfg: RunConfig):
     then loads the data before the first file is written."""
     from eebench.accel import check_attn_implementation
     from eebench.data import check_trainable, get_task
+    from eebench.plugins import load_include
     from eebench.strategy import build_strategy, get_method
 
+    load_include(cfg.include)  # also in Ray workers, which rebuild the config from its dump
     spec = get_task(cfg.task)
     check_trainable(spec)
     check_attn_implementation(cfg.attn_implementation)
@@ -210,8 +212,7 @@ def validate(cfg: RunConfig):
     for m in dict.fromkeys([*cfg.methods, *cfg.method_params]):  # overrides of other methods are checked too
         get_method(m)
         build_strategy(m, cfg.method_params.get(m))
-    for s in cfg.signals:
-        get_signal(s).check_task(spec.num_labels)
+    check_run_policies(cfg.signals, {m: cfg.method_params.get(m) for m in cfg.methods}, spec.num_labels)
     operating_settings(cfg)
     if not cfg.seeds:
         raise EebenchError("--seeds is empty; give at least one seed, e.g. --seeds 42")
@@ -309,6 +310,28 @@ def operating_settings(cfg: RunConfig):
     guarantee = Target(epsilon=cfg.epsilon, delta=cfg.delta) if cfg.epsilon is not None else None
     Target(speedup=2.0, delta=cfg.delta).check() if guarantee is None else guarantee.check()
     return split, guarantee
+
+
+def check_run_policies(names: list[str], methods: dict[str, dict | None], num_labels: int) -> None:
+    """Every exit policy asked for must exist on at least one method of the run (a method's own
+    policy, e.g. BERxiT's ``lte``, is swept on the cells of the methods that have it)."""
+    from eebench.policies import available_policies, check_policy_names, get_policy
+
+    check_policy_names(names)
+    for s in names:
+        have = [m for m, p in methods.items() if s in available_policies(m, p)]
+        if not have:
+            raise EebenchError(
+                f"exit policy {s!r} is not available for any method of this run ({', '.join(methods)}); "
+                f"they have: {', '.join(sorted(set().union(*(available_policies(m, p) for m, p in methods.items()))))}")
+        get_policy(s, have[0], methods[have[0]]).check_task(num_labels)
+
+
+def cell_policy(result: CellResult, name: str):
+    """The unbound exit policy ``name`` for a finished cell; a clear error when its method lacks it."""
+    from eebench.policies import get_policy
+
+    return get_policy(name, result.method, result.training.get("hparams"))
 
 
 def summarize(sw: Sweep, scale: float = 1.0) -> dict[str, float]:
@@ -449,6 +472,13 @@ class Runner:
             self.close_parent(parent, results, status)
         return results
 
+    def _cell_policies(self, method: str) -> list[str]:
+        """The asked-for policies that cells of ``method`` have (method policies are per method)."""
+        from eebench.policies import available_policies
+
+        have = set(available_policies(method, self.cfg.method_params.get(method)))
+        return [s for s in self.cfg.signals if s in have]
+
     def cell_dir(self, method: str, seed: int, h: str) -> Path:
         return self.out / f"{method}-s{seed}-{h}"
 
@@ -476,7 +506,7 @@ class Runner:
 
     def _top_up(self, method: str, seed: int, d: Path, result: CellResult, parent: str | None) -> CellResult:
         result_path = d / "result.json"
-        missing = signals_to_sweep(result, self.cfg.signals, self.cfg.num_thresholds)
+        missing = signals_to_sweep(result, self._cell_policies(method), self.cfg.num_thresholds)
         print(f"[{method} seed {seed}] finished earlier ({d.name}); "
               + (f"sweeping {', '.join(missing)}" if missing else "nothing to do"), flush=True)
         if missing:
@@ -510,6 +540,7 @@ class Runner:
                                final_pooling=cfg.final_pooling, num_layers=cfg.num_layers,
                                attn_implementation=cc.get("attn_implementation", cfg.attn_implementation))
         model = MultiExitModel.from_config(mcfg)
+        model.attach(strategy)  # the method's own modules (none for the built-in losses)
         tcfg = TrainConfig(lr=cfg.lr, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            micro_batch_size=cfg.micro_batch_size, seed=seed, device=cfg.device, precision=cfg.precision,
                            checkpoint_every=cfg.checkpoint_every, group_by_length=cfg.group_by_length,
@@ -530,7 +561,10 @@ class Runner:
         model_info = {"name": cfg.model, "pooling": model.config.pooling, "final_pooling": model.config.final_pooling,
                       "head_lr": cfg.head_lr or cfg.lr, "num_layers": model.num_layers,
                       "backbone_layers": model.adapter.num_layers, "train_signal": strategy.train_signal,
-                      "head": "pooler" if model.config.pooling == "pooler" else "linear", "device": str(trainer.device),
+                      "trains_exits": strategy.trains_exits,
+                      "head": model.config.pooling if model.config.pooling in ("pooler", "exit-pooler") else "linear",
+                      "extras": {k: sum(p.numel() for p in m.parameters()) for k, m in model.extras.items()},
+                      "policies": sorted(strategy.policies()), "device": str(trainer.device),
                       "attn_implementation": model.config.attn_implementation, "precision": trainer.precision,
                       "precision_requested": cfg.precision, "machine": machine_info(trainer.device)}
         settings = self.settings()
@@ -564,17 +598,23 @@ class Runner:
         tr = trainer.train(train_ds, dev_ds, resume=resuming)
         t_train = time.perf_counter() - t0
         model.save(d / "model")
-        from eebench.training import collect_logits, layer_metrics
+        from eebench.training import layer_metrics
 
         if trainer.last_dev is not None:  # the last epoch's evaluation ran on these final weights
-            logits, labels, t_eval = trainer.last_dev
+            logits, labels, t_eval, scores = trainer.last_dev
         else:  # resumed after the last epoch had finished: nothing was evaluated in this process
+            from eebench.policies import get_policy
+            from eebench.training import collect_outputs
+
             t0 = time.perf_counter()
-            logits, labels = collect_logits(model, dev_ds, tok, tcfg.eval_batch_size, trainer.device)
+            pols = [get_policy(n, model=model) for n in strategy.policies()]
+            logits, labels, scores = collect_outputs(model, dev_ds, tok, tcfg.eval_batch_size, trainer.device, pols)
             t_eval = time.perf_counter() - t0
         from safetensors.torch import save_file
 
-        _atomic(d / "dev_logits.safetensors", lambda p: save_file({"logits": logits, "labels": labels}, p))
+        # The method policies' values need the model's own modules: cached beside the logits.
+        cache = {"logits": logits, "labels": labels, **{f"score.{k}": v for k, v in scores.items()}}
+        _atomic(d / "dev_logits.safetensors", lambda p: save_file(cache, p))
         layers = layer_metrics(logits, labels, self.spec.metrics)
         warnings = list(protocol)
         if strategy.trains_exits:
@@ -595,24 +635,29 @@ class Runner:
             layers=layers, warnings=warnings,
             timings={"train_s": t_train, "dev_forward_s": t_eval},
         )
-        self.sweep_cell(d, result, self.cfg.signals, model=model, dev_ds=dev_ds, tok=tok)
+        self.sweep_cell(d, result, self._cell_policies(method), model=model, dev_ds=dev_ds, tok=tok)
         return result
 
     def sweep_cell(self, d: Path, result: CellResult, signals: list[str], model=None, dev_ds=None, tok=None) -> None:
         """Sweep signals over the cell's cached dev logits; confirm a few thresholds with true
         early-exit inference."""
-        logits, labels = self.dev_logits(d, result)
+        logits, labels, cached = self.dev_logits(d, result)
         scale = result.model["backbone_layers"] / result.model["num_layers"]
         metrics = tuple([self.spec.main_metric] + [m for m in self.spec.metrics if m != self.spec.main_metric])
-        trains_exits = result.method != "final-only"
+        trains_exits = result.model.get("trains_exits", result.method != "final-only")
         for s in signals:
+            pol = cell_policy(result, s)
+            cached_scores = cached.get(f"score.{s}")
+            if pol.uses_model and cached_scores is None:
+                raise EebenchError(f"cell {d.name} has no cached values of exit policy {s!r} (dev_logits.safetensors)")
             t0 = time.perf_counter()
             if not trains_exits:
                 # Reference point: no internal exit is trained, so only the final classifier counts.
-                sw = sweep(logits, labels, s, thresholds=[float("-inf") if not get_signal(s).higher_is_easier
-                                                          else float("inf")], metrics=metrics)
+                sw = sweep(logits, labels, pol, thresholds=[float("-inf") if not pol.higher_is_easier
+                                                            else float("inf")], metrics=metrics, scores=cached_scores)
             else:
-                sw = sweep(logits, labels, s, metrics=metrics, num_thresholds=self.cfg.num_thresholds)
+                sw = sweep(logits, labels, pol, metrics=metrics, num_thresholds=self.cfg.num_thresholds,
+                           scores=cached_scores)
             t_sweep = time.perf_counter() - t0
             points = sw.records()
             for p in points:
@@ -635,9 +680,10 @@ class Runner:
             result.timings[f"sweep_{s}_s"] = t_sweep
         record_exactness(result)
 
-    def dev_logits(self, d: Path, result: CellResult) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cell's cached dev logits; when the cache is missing or unreadable, collected again
-        from the saved model on the same dev rows (checked by fingerprint) and cached anew."""
+    def dev_logits(self, d: Path, result: CellResult) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The cell's cached dev logits, labels and method-policy values (``score.<policy>``); when
+        the cache is missing or unreadable, collected again from the saved model on the same dev
+        rows (checked by fingerprint) and cached anew."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save_file
 
@@ -646,7 +692,7 @@ class Runner:
         if path.exists():
             try:
                 cached = load_file(path)
-                return cached["logits"], cached["labels"]
+                return cached["logits"], cached["labels"], {k: v for k, v in cached.items() if k.startswith("score.")}
             except (SafetensorError, OSError, KeyError) as e:
                 why = f"is unreadable ({str(e).splitlines()[0][:120]})"
         redo = "rerun `eebench run` with this cell's settings to train it again"
@@ -656,13 +702,16 @@ class Runner:
             raise EebenchError(f"{path} {why} and the saved model cannot be loaded to collect it again "
                                f"({str(e).splitlines()[0][:120]}); {redo}") from None
         dev_ds, tok = self.dev_data(result)
-        from eebench.training import collect_logits
+        from eebench.policies import get_policy
+        from eebench.training import collect_outputs
 
         print(f"[{result.method} seed {result.seed}] {path} {why}: collecting the dev logits again from model/",
               flush=True)
-        logits, labels = collect_logits(model, dev_ds, tok, 64, torch.device("cpu"))
-        _atomic(path, lambda p: save_file({"logits": logits, "labels": labels}, p))
-        return logits, labels
+        pols = [get_policy(n, model=model) for n in result.model.get("policies", [])]
+        logits, labels, scores = collect_outputs(model, dev_ds, tok, 64, torch.device("cpu"), pols)
+        scores = {f"score.{k}": v for k, v in scores.items()}
+        _atomic(path, lambda p: save_file({"logits": logits, "labels": labels, **scores}, p))
+        return logits, labels, scores
 
     def dev_data(self, result: CellResult):
         """The tokenised dev rows a finished cell was evaluated on (and the tokenizer), checked
@@ -687,13 +736,16 @@ class Runner:
     def confirm(self, d: Path, sw: Sweep, logits, signal: str, model, dev_ds, tok) -> list[dict]:
         """True layer-by-layer inference at a few thresholds must match the simulation."""
         from eebench.data import make_loader
+        from eebench.inference import early_exit
 
         if model is None:
             model = MultiExitModel.load(d / "model")
         if dev_ds is None:
             _, dev_ds, tok, _ = self.data()
         model.eval()
-        sig = get_signal(signal)
+        from eebench.policies import get_policy
+
+        sig = get_policy(signal, model=model)
         device = next(model.parameters()).device
         # thresholds nearest to the summary speed-ups (distinct)
         picks = []
@@ -708,7 +760,7 @@ class Runner:
             pred = torch.zeros(len(dev_ds), dtype=torch.long)
             for batch in make_loader(dev_ds, tok, 64, shuffle=False, group_by_length=True):
                 inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-                e, p, _ = model.early_exit(inputs["input_ids"], inputs["attention_mask"], sig, thr,
+                e, p, _ = early_exit(model, inputs["input_ids"], inputs["attention_mask"], sig, thr,
                                            token_type_ids=inputs.get("token_type_ids"))
                 el[batch["index"]] = e.cpu()
                 pred[batch["index"]] = p.cpu()
@@ -874,7 +926,7 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
             task = result.data.get("task_source", result.task)  # a custom task is known by its YAML path
             spec = get_task(task)
             for s in signals:
-                get_signal(s).check_task(spec.num_labels)
+                cell_policy(result, s).check_task(spec.num_labels)
             cfg = RunConfig(task=task, model=result.config["model"], output=str(d.parent.parent),
                             tracking_uri=tracking_uri, no_mlflow=no_mlflow, num_thresholds=num_thresholds,
                             confirm_thresholds=0, methods=[result.method], signals=signals)

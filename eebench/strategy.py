@@ -1,24 +1,44 @@
 """Training strategies: how a multi-exit model is trained. One module each in ``methods/``.
 
-A strategy turns the logits of every layer from one training forward pass into a scalar loss.
+The contract a method implements (every hook but ``loss`` / ``compute_loss`` has a default):
+
+* ``compute_loss(out, labels, ctx)``: one training pass (``ExitOutput``: logits [N, M, C], exit
+  features [N, M, H], mask, optionally hidden states) -> (scalar loss, logs); the default calls
+  ``loss(out.logits, labels, ctx)``, the logits-only form of the built-in methods;
+* ``modules(model)``: its own ``nn.Module``s, added to ``model.extras`` (saved and restored with
+  the model);
+* ``param_groups()``: named parameter groups with their own learning rate (a group is a list of
+  parameter-name prefixes);
+* ``phases()``: training stages, each with the groups that learn, an epoch count, its optimiser
+  and schedule; ``trainable_now(ctx)`` can change the learning groups per step;
+* ``policies()``: its own exit policies (``eebench.policies``) by name.
+
+Groups every model has: ``backbone``, ``internal`` (internal exit heads), ``final`` (the final
+head and the shared pooler), ``extras`` (every method module) and ``extras.<name>``.
+
 Strategies are registered by name with ``@register_method`` (or as presets of a registered class
 with other defaults); ``eebench list`` shows them. Adding a method is adding one module to
-``methods/``: every module there is imported on first use.
+``methods/``, or a file passed with ``--include`` (``eebench.plugins``).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.errors import EebenchError
+from eebench.errors import EebenchError, UnknownNameError
 from eebench.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from eebench.models import ExitOutput, MultiExitModel
+    from eebench.policies import ExitPolicy
 
 
 @dataclass(frozen=True)
@@ -62,9 +82,12 @@ def _load_methods() -> None:
         return
     import eebench.methods as pkg
 
+    _loaded = True
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"eebench.methods.{mod.name}")
-    _loaded = True
+    from eebench.plugins import load_entry_points
+
+    load_entry_points()
 
 
 def list_methods() -> list[MethodSpec]:
@@ -74,6 +97,9 @@ def list_methods() -> list[MethodSpec]:
 
 def get_method(name: str) -> MethodSpec:
     _load_methods()
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; known: {', '.join(METHODS.names())} "
+                               "(a method of your own: --include DIR)")
     return METHODS.get(name)
 
 
@@ -145,11 +171,19 @@ def coerce_hparam(method: str, key: str, value: Any, default: Any) -> Any:
 
 @dataclass
 class Phase:
-    """A stage of training: which parameters learn and for how many epochs (x the run's epochs)."""
+    """A stage of training: which parameter groups learn, for how many epochs (x the run's
+    epochs), with which optimiser (``adamw`` | ``adam``) and schedule (``linear`` decay to 0 over
+    the phase | ``constant``). Every phase starts a fresh optimiser and schedule.
+
+    ``trainable``: ``all``, a legacy name (``backbone+final``, ``final``: everything but the
+    internal heads; ``internal-heads``: only them) or a list of group names (``param_groups``).
+    """
 
     name: str
-    trainable: str = "all"  # all | backbone+final | internal-heads | final
+    trainable: str | Collection[str] = "all"
     epochs_factor: int = 1
+    optimizer: str = "adamw"
+    schedule: str = "linear"
 
 
 @dataclass
@@ -158,8 +192,10 @@ class StepContext:
 
     step: int  # optimiser step, 0-based
     total_steps: int  # optimiser steps of the whole run
-    epoch: int  # 0-based
+    epoch: int  # 0-based, within the phase
     phase: int = 0
+    micro: int = 0  # micro-batch index within the epoch, 0-based (BERxiT's parity counter)
+    extra: dict = field(default_factory=dict)
 
 
 class Strategy:
@@ -172,13 +208,40 @@ class Strategy:
     def __init__(self, name: str, **hparams):
         self.name = name
         self.hparams = hparams
+        #: The model being trained (set by ``MultiExitModel.attach``): losses read ``model.extras``.
+        self.model: MultiExitModel | None = None
 
     @property
     def train_signal(self) -> str | None:
         return self.hparams.get(self.train_signal_param) if self.train_signal_param else None
 
+    #: Whether ``compute_loss`` needs every layer's token states (``ExitOutput.hidden_states``).
+    needs_hidden_states: bool = False
+
     def phases(self) -> list[Phase]:
         return [Phase("joint")]
+
+    def modules(self, model: MultiExitModel) -> dict[str, nn.Module]:
+        """The method's own modules, by name (``model.extras[name]``); built once per model,
+        before training and by ``MultiExitModel.load``."""
+        return {}
+
+    def param_groups(self) -> dict[str, dict]:
+        """Named groups beyond the built-in ones: ``{"name": {"prefixes": [...], "lr": float}}``
+        (``lr`` optional: a group without one learns at the run's rate)."""
+        return {}
+
+    def trainable_now(self, ctx: StepContext) -> Collection[str] | None:
+        """Groups that learn at this step (a per-step freeze), or None for the phase's."""
+        return None
+
+    def policies(self) -> dict[str, type[ExitPolicy]]:
+        """The method's own exit policies by name (they read ``model.extras``)."""
+        return {}
+
+    def compute_loss(self, out: ExitOutput, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """The training loss of one pass; the default is ``loss`` on the logits."""
+        return self.loss(out.logits.float(), labels, ctx)
 
     def loss(self, layer_logits: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -208,16 +271,51 @@ def per_layer_ce(layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return ce.view(n, m)
 
 
-def set_trainable(model: nn.Module, which: str) -> None:
-    """Freeze / unfreeze parameter groups of a MultiExitModel for a training phase."""
+def group_of(name: str, num_layers: int) -> str:
+    """The built-in group of a parameter: ``backbone``, ``internal``, ``final`` or ``extras.<module>``."""
+    if name.startswith("backbone."):
+        return "backbone"
+    if name.startswith("extras."):
+        return "extras." + name.split(".")[1]
+    if name.startswith(("heads.classifiers.", "heads.exit_poolers.")):
+        return "internal" if int(name.split(".")[2]) < num_layers - 1 else "final"
+    return "final"  # the shared pooler and any other head parameter
+
+
+_LEGACY = {"all": None, "backbone+final": ("backbone", "final", "extras"), "final": ("backbone", "final", "extras"),
+           "internal-heads": ("internal",)}
+
+
+def trainable_mask(model: nn.Module, which: str | Collection[str], extra_groups: dict[str, dict] | None = None) -> dict[str, bool]:
+    """Parameter name -> learns, for ``which`` (a phase's ``trainable``)."""
+    if isinstance(which, str):
+        if which not in _LEGACY:
+            which = [which]
+        else:
+            which = _LEGACY[which]
     m = model.num_layers
+    out = {}
+    for name, _ in model.named_parameters():
+        if which is None:
+            out[name] = True
+            continue
+        g = group_of(name, m)
+        on = g in which or (g.startswith("extras.") and "extras" in which)
+        for gname in which:
+            spec = (extra_groups or {}).get(gname)
+            if spec and any(name.startswith(p) for p in spec["prefixes"]):
+                on = True
+        out[name] = on
+    known = {"backbone", "internal", "final", "extras", *(f"extras.{k}" for k in getattr(model, "extras", {})),
+             *(extra_groups or {})}
+    bad = [w for w in (which or []) if w not in known]
+    if bad:
+        raise EebenchError(f"unknown parameter group(s) {bad}; known: {', '.join(sorted(known))}")
+    return out
+
+
+def set_trainable(model: nn.Module, which: str | Collection[str], extra_groups: dict[str, dict] | None = None) -> None:
+    """Freeze / unfreeze parameter groups of a MultiExitModel for a training phase or step."""
+    mask = trainable_mask(model, which, extra_groups)
     for name, p in model.named_parameters():
-        if which == "all":
-            p.requires_grad_(True)
-        elif which == "internal-heads":
-            p.requires_grad_(name.startswith("heads.classifiers.") and int(name.split(".")[2]) < m - 1)
-        elif which in ("backbone+final", "final"):
-            internal = name.startswith("heads.classifiers.") and int(name.split(".")[2]) < m - 1
-            p.requires_grad_(not internal)
-        else:  # pragma: no cover - programming error
-            raise ValueError(which)
+        p.requires_grad_(mask[name])

@@ -29,7 +29,7 @@ from eebench.accel import autocast, resolve_precision
 from eebench.errors import EebenchError
 from eebench.metrics import compute_metrics
 from eebench.models import MultiExitModel, _atomic, pick_device
-from eebench.strategy import StepContext, Strategy, set_trainable
+from eebench.strategy import Phase, StepContext, Strategy, set_trainable, trainable_mask
 
 log = logging.getLogger("eebench")
 
@@ -77,6 +77,15 @@ def seed_everything(seed: int) -> None:
 def collect_logits(model: MultiExitModel, tokenized, tokenizer, batch_size: int = 64, device=None):
     """Logits of every exit for a whole split in one pass each batch: ([N, M, C] float32, labels [N]),
     in the dataset's row order."""
+    logits, labels, _ = collect_outputs(model, tokenized, tokenizer, batch_size, device)
+    return logits, labels
+
+
+@torch.no_grad()
+def collect_outputs(model: MultiExitModel, tokenized, tokenizer, batch_size: int = 64, device=None,
+                    policies=()) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``collect_logits`` plus, from the same pass, the values [N, M] of every policy in
+    ``policies`` (bound exit policies that read the model's own modules), by name."""
     from eebench.data import make_loader
 
     device = device or next(model.parameters()).device
@@ -85,16 +94,21 @@ def collect_logits(model: MultiExitModel, tokenized, tokenizer, batch_size: int 
     n = len(tokenized)
     out = None
     labels = None
+    scores: dict[str, torch.Tensor] = {}
     for batch in make_loader(tokenized, tokenizer, batch_size, shuffle=False, group_by_length=True):
         idx = batch["index"]
-        logits = model(**_model_inputs(batch, device)).float().cpu()
+        res = model(**_model_inputs(batch, device))
+        logits = res.logits.float().cpu()
         if out is None:
             out = torch.zeros(n, *logits.shape[1:])
             labels = torch.zeros(n, dtype=batch["labels"].dtype)
+            scores = {p.name: torch.zeros(n, logits.shape[1], dtype=torch.float64) for p in policies}
         out[idx] = logits
         labels[idx] = batch["labels"]
+        for p in policies:
+            scores[p.name][idx] = p.scores(res).double().cpu()
     model.train(was_training)
-    return out, labels
+    return out, labels, scores
 
 
 def _model_inputs(batch: dict, device) -> dict:
@@ -123,10 +137,11 @@ class Trainer:
     def __init__(self, model: MultiExitModel, strategy: Strategy, cfg: TrainConfig, tokenizer, spec,
                  out_dir: str | Path | None = None, on_epoch: Callable[[int, dict], None] | None = None):
         self.model, self.strategy, self.cfg = model, strategy, cfg
+        model.attach(strategy)  # the method's own modules (no-op when the caller attached them)
         self.tokenizer, self.spec = tokenizer, spec
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_epoch = on_epoch
-        self.last_dev: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self.last_dev: tuple[torch.Tensor, torch.Tensor, float, dict] | None = None
         self.device = pick_device(cfg.device)
         #: The precision that runs (bf16 asked on a CPU without native bf16 runs fp32; see accel).
         self.precision, note = resolve_precision(cfg.precision, self.device, "training")
@@ -134,16 +149,31 @@ class Trainer:
             print(f"warning: {note}", flush=True)
 
     # -- optimiser ------------------------------------------------------------------------
-    def _optimizer(self):
+    def _optimizer(self, phase: Phase | None = None):
+        """Parameter groups in a fixed order: the body at ``lr``, the exit heads at ``head_lr``,
+        then every method group (``Strategy.param_groups``) at its own rate."""
         head, body = [], []
+        extra = self.strategy.param_groups()
+        own: dict[str, list] = {g: [] for g in extra}
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
+            if not p.requires_grad:
+                continue
+            g = next((g for g, spec in extra.items() if any(name.startswith(x) for x in spec["prefixes"])), None)
+            if g is not None:
+                own[g].append(p)
+            else:
                 (head if name.startswith("heads.") else body).append(p)
         groups = [g for g in (
             {"params": body, "lr": self.cfg.lr},
             {"params": head, "lr": self.cfg.head_lr or self.cfg.lr},
+            *({"params": own[g], "lr": extra[g].get("lr") or self.cfg.lr} for g in extra),
         ) if g["params"]]
-        return torch.optim.AdamW(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        phase = phase or Phase("joint")
+        if phase.optimizer == "adamw":
+            return torch.optim.AdamW(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        if phase.optimizer == "adam":
+            return torch.optim.Adam(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        raise EebenchError(f"phase {phase.name!r}: unknown optimizer {phase.optimizer!r}; known: adamw, adam")
 
     def _autocast(self):
         # Weights and optimiser state stay fp32 (master weights); the loss is computed in fp32
@@ -174,11 +204,20 @@ class Trainer:
             result.resumed_from_step = state["step"]
         scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and self.precision == "fp16") else None
         t0 = time.perf_counter()
+        extra_groups = self.strategy.param_groups()
         for pi in range(state["phase"], len(phases)):
-            set_trainable(model, phases[pi].trainable)
-            opt = self._optimizer()
+            set_trainable(model, phases[pi].trainable, extra_groups)
+            phase_mask = {n: p.requires_grad for n, p in model.named_parameters()}
+            opt = self._optimizer(phases[pi])
             phase_steps = steps_per_epoch * phase_epochs[pi]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, T=phase_steps: max(0.0, 1 - s / max(T, 1)))
+            if phases[pi].schedule == "linear":
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, T=phase_steps: max(0.0, 1 - s / max(T, 1)))
+            elif phases[pi].schedule == "constant":
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            else:
+                raise EebenchError(f"phase {phases[pi].name!r}: unknown schedule {phases[pi].schedule!r}; "
+                                   "known: linear, constant")
+            step_mask = None  # the per-step freeze in force (None: the phase's)
             if doc is not None and pi == state["phase"]:
                 self._load_checkpoint(ckpt, opt, sched)
             first_epoch = state["epoch"] if pi == state["phase"] else 0
@@ -193,10 +232,13 @@ class Trainer:
                 for micro, batch in enumerate(loader):
                     if micro < skip:
                         continue
-                    ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi)
+                    ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi, micro=micro)
+                    now = self.strategy.trainable_now(ctx)
+                    if now is not None or step_mask is not None:
+                        step_mask = self._step_freeze(now, phase_mask, extra_groups)
                     with self._autocast():
-                        logits = model(**_model_inputs(batch, self.device))
-                    loss, logs = self.strategy.loss(logits.float(), batch["labels"].to(self.device), ctx)
+                        out = model(**_model_inputs(batch, self.device), hidden_states=self.strategy.needs_hidden_states)
+                    loss, logs = self.strategy.compute_loss(out, batch["labels"].to(self.device), ctx)
                     loss = loss * (len(batch["labels"]) / mb) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     bar.update(1)
@@ -234,12 +276,27 @@ class Trainer:
         model.eval()
         return result
 
+    def _step_freeze(self, now, phase_mask: dict[str, bool], extra_groups) -> dict | None:
+        """Apply a per-step freeze (``Strategy.trainable_now``): parameters learn when both the
+        phase and the step say so; None restores the phase's mask."""
+        mask = phase_mask if now is None else {
+            n: on and phase_mask[n] for n, on in trainable_mask(self.model, now, extra_groups).items()}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad != mask[n]:
+                p.requires_grad_(mask[n])
+        return None if now is None else mask
+
     def evaluate(self, dev_ds) -> list[dict]:
-        """Per-layer dev metrics; the logits and the time of that forward pass are kept in
-        ``last_dev`` = (logits, labels, seconds) so that the caller need not run it again."""
+        """Per-layer dev metrics; the logits, the method policies' values and the time of that
+        forward pass are kept in ``last_dev`` = (logits, labels, seconds, scores) so that the
+        caller need not run it again."""
+        from eebench.policies import get_policy
+
         t0 = time.perf_counter()
-        logits, labels = collect_logits(self.model, dev_ds, self.tokenizer, self.cfg.eval_batch_size, self.device)
-        self.last_dev = (logits, labels, time.perf_counter() - t0)
+        pols = [get_policy(n, model=self.model) for n in self.strategy.policies()]
+        logits, labels, scores = collect_outputs(self.model, dev_ds, self.tokenizer, self.cfg.eval_batch_size,
+                                                 self.device, pols)
+        self.last_dev = (logits, labels, time.perf_counter() - t0, scores)
         return layer_metrics(logits, labels, self.spec.metrics)
 
     # -- checkpoints ------------------------------------------------------------------------

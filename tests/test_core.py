@@ -18,6 +18,7 @@ from eebench.exits import (
     sweep,
     threshold_grid,
 )
+from eebench.inference import early_exit
 from eebench.metrics import METRICS, exit_counts, speedup_ratio
 from eebench.models import MultiExitModel
 from eebench.signals import get_signal, list_signals
@@ -242,7 +243,7 @@ def test_all_layer_logits_match_hf_hidden_states(arch, pooling):
     model = tiny_model(arch, num_labels=3, pooling=pooling)
     ids, mask = padded_batch(6, 10)
     with torch.no_grad():
-        ours = model(ids, mask)
+        ours = model(ids, mask).logits
         hs = model.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         ref = torch.stack([model.heads(i, h, mask) for i, h in enumerate(hs[-model.num_layers:])], 1)
     assert ours.shape == (6, 4, 3)
@@ -271,16 +272,16 @@ def test_true_early_exit_matches_simulation(arch, signal):
     ids, mask = padded_batch(16, 12, seed=5)
     sig = get_signal(signal)
     with torch.no_grad():
-        logits = model(ids, mask)
+        logits = model(ids, mask).logits
     for thr in _thresholds_in_gaps(sig.score(logits), sig):
         sim = simulate_exits(logits, sig, [thr])[0]
         sim_pred = predictions_at_exit(logits, sim[None])[0]
-        el, pred, _ = model.early_exit(ids, mask, sig, thr)  # batched, samples leave
+        el, pred, _ = early_exit(model, ids, mask, sig, thr)  # batched, samples leave
         assert el.tolist() == sim.tolist()
         assert pred.tolist() == sim_pred.tolist()
         for i in range(len(ids)):  # batch size 1, no padding
             n = int(mask[i].sum())
-            el1, pred1, _ = model.early_exit(ids[i : i + 1, :n], mask[i : i + 1, :n], sig, thr)
+            el1, pred1, _ = early_exit(model, ids[i : i + 1, :n], mask[i : i + 1, :n], sig, thr)
             assert (el1.item(), pred1.item()) == (sim[i].item(), sim_pred[i].item())
 
 
@@ -288,10 +289,10 @@ def test_early_exit_stops_computing():
     model = tiny_model("bert", pooling="cls", seed=1)
     ids, mask = padded_batch(8, 10)
     calls = []
-    el, _, _ = model.early_exit(ids, mask, get_signal("entropy"), 2.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
+    el, _, _ = early_exit(model, ids, mask, get_signal("entropy"), 2.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
     assert el.tolist() == [1] * 8 and calls == [(1, 8)]  # every sample exits after layer 1
     calls.clear()
-    model.early_exit(ids, mask, get_signal("entropy"), -1.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
+    early_exit(model, ids, mask, get_signal("entropy"), -1.0, on_layer=lambda layer, idx: calls.append((layer, len(idx))))
     assert calls == [(m, 8) for m in range(1, 5)]
 
 
@@ -304,7 +305,7 @@ def test_save_load_roundtrip_safetensors(tmp_path, arch):
     loaded = MultiExitModel.load(tmp_path / "m").eval()
     ids, mask = padded_batch(4, 8)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, mask), loaded(ids, mask), atol=0, rtol=0)
+        torch.testing.assert_close(model(ids, mask).logits, loaded(ids, mask).logits, atol=0, rtol=0)
 
 
 def test_budget_exiting_keeps_first_layers():
@@ -319,15 +320,15 @@ def test_pooling_ignores_padding():
     model = tiny_model("bert", pooling="mean", seed=2)
     ids, mask = padded_batch(5, 10, seed=7)
     with torch.no_grad():
-        batched = model(ids, mask)
+        batched = model(ids, mask).logits
         for i in range(5):
             n = int(mask[i].sum())
-            single = model(ids[i : i + 1, :n], mask[i : i + 1, :n])
+            single = model(ids[i : i + 1, :n], mask[i : i + 1, :n]).logits
             torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=0)
 
 
 def test_unknown_pooling_and_arch():
-    with pytest.raises(EebenchError, match="known: cls, mean, pooler"):
+    with pytest.raises(EebenchError, match="known: cls, exit-pooler, mean, pooler"):
         tiny_model("bert", pooling="max")
 
 

@@ -88,6 +88,32 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
         assert torch.equal(a, b), k
 
 
+def test_resume_with_method_modules_and_per_step_objectives(toy, tmp_path, monkeypatch):
+    """BERxiT alternate-lte: its LTE module, its optimiser state and the per-step parity survive a
+    kill mid-epoch; the resumed run ends bit for bit where the uninterrupted one does."""
+    full, _, _ = _train(toy, "berxit-alternate-lte", out=tmp_path / "a", epochs=2, checkpoint_every=3)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 9 and state["state"]["micro"] == 3  # an odd micro-batch comes next
+    resumed, _, res = _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
+    assert res.resumed_from_step == 9
+    assert "extras.lte.linear.weight" in dict(resumed.named_parameters())
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_cosee_threshold_range_follows_observed_signals(toy):
     _, strategy, _ = _train(toy, "cosee", epochs=1)
     assert (strategy.lo, strategy.hi) != (0.0, 1.0)
