@@ -111,6 +111,17 @@ class Patience(Signal):
         return (idx - last_break).float()
 
 
+@SIGNALS.register("raw-entropy")
+class RawEntropy(Signal):
+    """Entropy of the softmax in nats (not normalised by log C); low is easy (BERxiT, DeeBERT thresholds)."""
+
+    name = "raw-entropy"
+
+    def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(layer_logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
 def get_signal(name_or_signal: str | Signal) -> Signal:
     """A signal instance by name (``energy``, ``entropy``, ``softmax``, ``patience``, ...)."""
     if isinstance(name_or_signal, Signal):

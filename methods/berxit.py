@@ -28,7 +28,7 @@ from torch import nn
 
 from eebench.errors import EebenchError
 from eebench.policies import ExitPolicy
-from eebench.signals import SIGNALS, Signal
+from eebench.signals import RawEntropy  # noqa: F401 - BERxiT's entropy exit, shared by every cell
 from eebench.strategy import Phase, StepContext, Strategy, add_preset, per_layer_ce, register_method
 
 __all__ = ["lte_targets", "lte_targets_regression", "lte_loss", "LteHead", "LteExit", "RawEntropy", "Berxit"]
@@ -79,17 +79,6 @@ class LteExit(ExitPolicy):
 
     def step(self, layer, logits, features, state):
         return self.model.extras["lte"](features), None
-
-
-@SIGNALS.register("raw-entropy")
-class RawEntropy(Signal):
-    """Entropy of the softmax in nats (not normalised by log C); low is easy (BERxiT, DeeBERT)."""
-
-    name = "raw-entropy"
-
-    def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(layer_logits.float(), dim=-1)
-        return -(logp.exp() * logp).sum(-1)
 
 
 @register_method("berxit-alternate-lte",

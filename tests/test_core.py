@@ -35,7 +35,7 @@ def test_registry_and_unknown_name():
     assert get_signal("energy").higher_is_easier is False
     assert get_signal("softmax").higher_is_easier is True
     assert get_signal("patience").higher_is_easier is True
-    with pytest.raises(ValueError, match="known: energy, entropy, patience, softmax"):
+    with pytest.raises(ValueError, match="known: energy, entropy, patience, raw-entropy, softmax"):
         get_signal("confidence")
     with pytest.raises(UnknownNameError):
         get_signal("nope")
