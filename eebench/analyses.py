@@ -129,7 +129,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from eebench.models import _atomic
+    from eebench.util import atomic_write as _atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic(path, lambda p: fig.savefig(p, format="png"))
@@ -138,7 +138,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _save_csv(df: pd.DataFrame, path: Path) -> Path:
-    from eebench.models import _atomic
+    from eebench.util import atomic_write as _atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = df.to_csv(index=False, float_format="%.6g")

@@ -188,7 +188,7 @@ def _cell_lock(cell_dir: Path) -> Iterator[None]:
 def _worker_config(cfg_data: dict[str, Any], gpus: float):
     """The worker's RunConfig: tracking off (the driver logs), no progress bars, and no GPU
     unless the cell asked Ray for one."""
-    from eebench.runner import RunConfig
+    from eebench.config import RunConfig
 
     data = dict(cfg_data, no_mlflow=True, progress=False)
     if gpus <= 0 and data.get("device", "auto") == "auto":
@@ -462,7 +462,7 @@ def parse_space(items: list[str], method_params: dict[str, Any], search: str) ->
 
 def _trial_run_config(base: dict[str, Any], method: str, params: dict[str, Any], signal: str | None):
     """The RunConfig of one trial: the base settings with the trial's values."""
-    from eebench.runner import RunConfig
+    from eebench.config import RunConfig
 
     data = json.loads(json.dumps(base))
     mp = data.setdefault("method_params", {}).setdefault(method, {})
@@ -864,7 +864,7 @@ def _summarize(rows: list[dict], space: dict, label: str, search: str, exp_dir: 
         records.append(rec)
     table = pd.DataFrame.from_records(records)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    from eebench.models import _atomic
+    from eebench.util import atomic_write as _atomic
 
     _atomic(exp_dir / "trials.csv", lambda p: table.to_csv(p, index=False))
     cands = [(r[label], i) for i, r in enumerate(records) if r["status"] == "ok" and r[label] is not None]

@@ -82,7 +82,7 @@ def _j(v: Any) -> str:
 def _reference(key: str, values: list[Any]) -> Any:
     """The value of ``key`` a row's label need not name: eebench's default when some row uses it,
     else the value most rows share (none when that is a tie: then every row names its value)."""
-    from eebench.runner import RunConfig
+    from eebench.config import RunConfig
 
     seen = [_j(v) for v in values]
     field_ = RunConfig.model_fields.get(key)
@@ -92,6 +92,11 @@ def _reference(key: str, values: list[Any]) -> Any:
     if len(counts) > 1 and counts[0][0] == counts[1][0]:
         return _NONE
     return counts[0][1]
+
+
+def _method_order(m: str) -> tuple[int, str]:
+    order = ["final-only", "two-stage", "vanilla", "weighted", "cosee-no-swm", "cosee-no-osc", "cosee"]
+    return (order.index(m) if m in order else len(order), m)
 
 
 def _method_defaults(method: str) -> dict[str, Any] | None:
@@ -181,8 +186,6 @@ def group_cells(results: list[CellResult]) -> list[CellGroup]:
                 "that no setting explains; their numbers cannot share a table: report each results folder "
                 "on its own (--results DIR)")
         _labels(tg)
-    from eebench.report import _method_order
-
     return sorted(groups, key=lambda g: (g.task, _method_order(g.method), g.label))
 
 

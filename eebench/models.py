@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ from torch import nn
 
 from eebench.errors import EebenchError
 from eebench.registry import Registry
+from eebench.util import atomic_write as _atomic
+from eebench.util import pick_device  # noqa: F401 - re-exported
 
 # --------------------------------------------------------------------------- model aliases
 
@@ -568,24 +569,6 @@ class MultiExitModel(nn.Module):
         return model.to(map_location)
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def resolve_attn(requested: str | None, device: str | torch.device = "auto") -> str:
     """eager or sdpa for a requested attention implementation (None or auto: the device's best)."""
     from eebench.accel import choose_attn_implementation
@@ -610,13 +593,3 @@ def _with_attn(build: Callable[[str], nn.Module], what: str, requested: str | No
         other = "sdpa" if attn == "eager" else "eager"
         raise EebenchError(f"backbone {what!r} does not support attention implementation {attn!r}; "
                            f"use --attn-implementation {other}") from None
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise EebenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from eebench import __version__
 from eebench.errors import EebenchError
-from eebench.models import _atomic
+from eebench.util import atomic_write as _atomic
 
 SCHEMA_VERSION = 1
 

@@ -20,85 +20,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, field_validator
 
+from eebench.config import RunConfig
 from eebench.errors import EebenchError
 from eebench.exits import Sweep, predictions_at_exit, sweep
-from eebench.models import MultiExitConfig, MultiExitModel, _atomic, resolve_model
+from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
 from eebench.results import CellResult, SignalSweep, UnreadableResult
 from eebench.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
+from eebench.util import atomic_write as _atomic
 
 log = logging.getLogger("eebench")
 
 SUMMARY_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
 
 
-class RunConfig(BaseModel):
-    """Everything ``eebench run`` needs; a YAML config file and ``key=value`` overrides fill it."""
-
-    model_config = {"extra": "forbid"}
-
-    include: list[str] = Field(default_factory=list)  # plugin folders / files (--include), loaded by validate
-    task: str = "sst2"
-    methods: list[str] = Field(default_factory=lambda: ["cosee", "vanilla"])
-    signals: list[str] = Field(default_factory=lambda: ["energy", "entropy", "softmax", "patience"])
-    model: str = "minilm-l6"
-    seeds: list[int] = Field(default_factory=lambda: [42])
-    train_samples: int | None = Field(default=None, ge=1)
-    train_subset: Literal["random", "first"] = "random"  # seeded random rows, or the first N rows
-    eval_samples: int | None = Field(default=None, ge=1)
-    max_seq_length: int = Field(default=128, ge=8)  # room for a pair's special tokens and some text
-    epochs: int = Field(default=1, ge=1)
-    lr: float = Field(default=2e-5, gt=0)
-    head_lr: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=32, ge=1)
-    micro_batch_size: int | None = Field(default=None, ge=1)
-    pooling: str | None = None
-    final_pooling: str | None = None
-    num_layers: int | None = Field(default=None, ge=1)
-    device: str = "auto"
-    precision: str = "fp32"
-    attn_implementation: str = "auto"  # auto | eager | sdpa (eebench.accel.choose_attn_implementation)
-    group_by_length: bool = True
-    checkpoint_every: int = Field(default=50, ge=0)
-    keep_checkpoint: bool = False  # keep the optimiser checkpoint of a finished cell
-    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    data_dir: str | None = None
-    output: str = "runs"
-    tracking_uri: str | None = None
-    no_mlflow: bool = False
-    num_thresholds: int = Field(default=100, ge=1)
-    confirm_thresholds: int = Field(default=3, ge=0)
-    # Held-out operating points in the summaries (eebench.operating); analysis only, not hashed.
-    cal_fraction: float = 0.5
-    folds: int | None = None
-    split_repeats: int = 20
-    split_seed: int = 0
-    epsilon: float | None = None
-    delta: float = 0.05
-    progress: bool = True
-
-    @field_validator("methods", "signals", "include", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _split_seeds(cls, v):
-        if isinstance(v, str):
-            return [int(s) for s in v.split(",") if s.strip()]
-        return [v] if isinstance(v, int) else v
-
-
 def speed_settings(cfg: RunConfig) -> tuple[str, str]:
     """(attention implementation, precision) that a cell of ``cfg`` trains with on this machine:
     ``auto`` and a bf16 request on a CPU without native bf16 resolved (eebench.accel)."""
     from eebench.accel import choose_attn_implementation, resolve_precision
-    from eebench.models import pick_device
+    from eebench.util import pick_device
 
     device = pick_device(cfg.device)
     return choose_attn_implementation(cfg.attn_implementation, device), resolve_precision(cfg.precision, device)[0]
@@ -110,7 +53,7 @@ def speed_settings(cfg: RunConfig) -> tuple[str, str]:
 #: logits (a sweep is redone when its grid changes), and data_dir (the data's fingerprints stand
 #: for the data wherever it was read from). Every other key, present or future, is identity.
 NOT_IDENTITY = frozenset({
-    "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
+    "include", "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
     "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress", "keep_checkpoint",
     # how operating points are chosen from the cached logits: analysis settings, no number of the cell changes
     "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta",
@@ -229,7 +172,7 @@ def validate(cfg: RunConfig):
 
 def check_device(device: str) -> None:
     """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` (when that GPU exists) or ``mps`` (when present)."""
-    from eebench.models import pick_device
+    from eebench.util import pick_device
 
     known = "auto, cpu, cuda, cuda:N, mps"
     if device == "auto":

@@ -83,8 +83,8 @@ def cell_run_name(config: dict, settings: dict | None = None) -> str:
     default (a resolved value counts as default when it is what the default resolves to: head lr =
     lr, micro-batch = batch, the backbone's recommended pooling, all layers), and every method
     hyper-parameter off its default, e.g. ``cosee-s42 lr=3e-05 alpha=0.01``."""
+    from eebench.config import RunConfig
     from eebench.models import resolve_model
-    from eebench.runner import RunConfig
     from eebench.strategy import get_method
 
     defaults = RunConfig()
@@ -305,7 +305,7 @@ class Tracker:
     def log_sweeps(self, run_id: str, result: CellResult, cell_dir: Path) -> None:
         from mlflow.entities import Metric
 
-        from eebench.report import plot_pareto, sweep_frame
+        from eebench.plots import plot_pareto, sweep_frame
 
         ts = _now_ms()
         metrics = []
@@ -343,7 +343,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             from eebench.exits import mean_front
-            from eebench.report import _front, full_model_point, plot_pareto, seed_summary
+            from eebench.plots import _front, full_model_point, plot_pareto, seed_summary
             from eebench.results import SignalSweep
 
             ts = _now_ms()

@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 from eebench.accel import autocast, resolve_precision
 from eebench.errors import EebenchError
 from eebench.metrics import compute_metrics
-from eebench.models import MultiExitModel, _atomic, pick_device
+from eebench.models import MultiExitModel
 from eebench.strategy import Phase, StepContext, Strategy, set_trainable, trainable_mask
+from eebench.util import atomic_write as _atomic
+from eebench.util import pick_device
 
 log = logging.getLogger("eebench")
 

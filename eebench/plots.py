@@ -1,0 +1,153 @@
+"""Sweep tables, Pareto staircases and plots of cells: what the tracker logs per cell and the
+reports draw (their own module, so that tracking and reports do not import each other)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from eebench.grouping import _method_order
+from eebench.results import CellResult, SignalSweep
+
+
+def sweep_frame(sw: SignalSweep, digits: int = 4) -> pd.DataFrame:
+    """One row per threshold, readable: the metric columns first, then speed-up, threshold,
+    Pareto flag, the premature / delayed rates and the exit counts per layer; floats rounded
+    (thresholds to 6 significant digits, since energies can be tiny). ``layer_speedup`` only
+    appears when it differs from ``speedup`` (budget exiting with --num-layers)."""
+    rows = []
+    for p in sw.points:
+        r = {k: v for k, v in p.items() if k != "exit_counts"}
+        for m, c in enumerate(p["exit_counts"], start=1):
+            r[f"exits_layer{m}"] = c
+        rows.append(r)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    if "layer_speedup" in df and (df["layer_speedup"] - df["speedup"]).abs().max() < 1e-12:
+        df = df.drop(columns="layer_speedup")
+    fixed = ["threshold", "speedup", "layer_speedup", "pareto", "premature_rate", "delayed_rate"]
+    metrics = [c for c in df.columns if c not in fixed and not c.startswith("exits_layer")]
+    order = metrics + [c for c in ["speedup", "layer_speedup", "threshold", "pareto", "premature_rate", "delayed_rate"]
+                       if c in df] + [c for c in df.columns if c.startswith("exits_layer")]
+    df = df[order]
+    for c in df.columns:
+        if c == "threshold":
+            df[c] = [float(f"{x:.6g}") for x in df[c]]
+        elif df[c].dtype.kind == "f":
+            df[c] = df[c].round(digits)
+    return df
+
+
+def _front(sw: SignalSweep, metric: str) -> tuple[list[float], list[float]]:
+    pts = sorted((p["speedup"], p[metric]) for p in sw.points if p.get("pareto"))
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def staircase(xs: list[float], ys: list[float], start: float = 1.0) -> tuple[list[float], list[float]]:
+    """The path of "best score at speed-up >= x" through front points (speed-up ascending, score
+    descending), from ``start`` on: flat at each point's score up to its speed-up, then down to the
+    next one. This is the curve whose area ``area_under_front`` measures and from which
+    "score at Xx" is read."""
+    if not xs:
+        return [], []
+    px, py = [min(start, xs[0])], [ys[0]]
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        px.append(x)
+        py.append(y)
+        if i + 1 < len(xs):
+            px.append(x)
+            py.append(ys[i + 1])
+    return px, py
+
+
+def full_model_point(sw: SignalSweep, metric: str) -> float | None:
+    """The score of the full model (every input leaves at the last layer: speed-up 1.0), if swept."""
+    vals = [p[metric] for p in sw.points if abs(p["speedup"] - 1.0) < 1e-9]
+    return max(vals) if vals else None
+
+
+def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy",
+                bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
+    """One staircase per label (its Pareto front, drawn as the step function the summaries read),
+    metric against speed-up, with the full model (1.0x) marked; ``bands`` optionally shades a
+    (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eebench.util import atomic_write as _atomic
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    # Labels are "method / signal[ / seed]": colour by signal, line style by method, so that
+    # curves that coincide (entropy and max softmax are monotone in each other for 2 classes)
+    # stay visible.
+    parts = {label: [p.strip() for p in label.split("/")] for label in curves}
+    methods = list(dict.fromkeys(p[0] for p in parts.values()))
+    signals = list(dict.fromkeys(p[1] if len(p) > 1 else p[0] for p in parts.values()))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
+    full_marked = False
+    for label, sw in curves.items():
+        xs, ys = _front(sw, metric)
+        if not xs:
+            continue
+        p = parts[label]
+        colour = colours[signals.index(p[1] if len(p) > 1 else p[0]) % len(colours)]
+        style = styles[methods.index(p[0]) % len(styles)]
+        width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
+        if len(xs) == 1:
+            ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", color=colour, label=label)
+        else:
+            sx, sy = staircase(xs, ys)
+            ax.plot(sx, sy, linestyle=style, linewidth=width, color=colour, label=label)
+            ax.plot(xs, ys, marker="o", markersize=2.5, linestyle="none", color=colour)
+        if bands and label in bands:
+            bx, lo, hi = bands[label]
+            if len(bx) > 1:  # the same staircase as the curve: flat from 1.0x to the first point
+                start = [min(1.0, bx[0])]
+                ax.fill_between(start + list(bx), lo[:1] + list(lo), hi[:1] + list(hi), step="pre", color=colour,
+                                alpha=0.12, linewidth=0)
+        full = full_model_point(sw, metric)
+        if full is not None:
+            ax.plot([1.0], [full], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black",
+                    linestyle="none", label=None if full_marked else "full model (1.0x)")
+            full_marked = True
+    ax.set_xlabel("speed-up (layers, Eq. 12)")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def seed_summary(results: list[CellResult], signal: str, digits: int | None = 4) -> pd.DataFrame:
+    """Per method: the number of seeds and the mean / std over seeds of every summary of one
+    signal's sweep (``<metric>_at_<x>x``, ``auc``, ``best``; an unreached speed-up counts as missing,
+    so its mean is over the seeds that reached it and ``<key>_n`` says how many did); rounded to
+    ``digits`` unless None."""
+    rows = []
+
+    def rnd(x: float) -> float:
+        return float(x) if digits is None else round(float(x), digits)
+
+    for m in sorted({r.method for r in results if signal in r.sweeps}, key=_method_order):
+        rs = [r for r in results if r.method == m and signal in r.sweeps]
+        row: dict[str, object] = {"method": m, "seeds": len(rs)}
+        keys = list(dict.fromkeys(k for r in rs for k in r.sweeps[signal].summary))
+        for k in keys:
+            xs = pd.Series([r.sweeps[signal].summary.get(k) for r in rs], dtype="float64").dropna()
+            row[f"{k}_mean"] = rnd(xs.mean()) if len(xs) else None
+            row[f"{k}_std"] = rnd(xs.std(ddof=1)) if len(xs) > 1 else None
+            if len(xs) != len(rs):
+                row[f"{k}_n"] = len(xs)
+        rows.append(row)
+    return pd.DataFrame(rows)
