@@ -61,8 +61,10 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
             raise EebenchError(f"{cache} holds {len(cached['labels'])} dev rows but the dev split has {len(dev)}; "
                                "pass --thresholds or --oracle")
         split, target = held
-        thr, cal, ev, choice = pick_threshold_held_out(cached["logits"], cached["labels"], signal, target, split,
-                                                       result.config.get("main_metric", "accuracy"))
+        pol = cell_policy(result, signal)
+        thr, cal, ev, choice = pick_threshold_held_out(cached["logits"], cached["labels"], pol, target, split,
+                                                       result.config.get("main_metric", "accuracy"),
+                                                       scores=cached.get(f"score.{signal}"))
         thresholds = [thr]
         dev = dev.select(sorted(int(i) for i in ev))
         operating = {"target": target.describe(), "split": split.describe(), "threshold": thr,

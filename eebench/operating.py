@@ -45,7 +45,8 @@ import torch
 from eebench.errors import EebenchError
 from eebench.exits import exit_layers_from_scores, predictions_at_exit, threshold_grid
 from eebench.metrics import get_metric, speedup_ratios
-from eebench.signals import Signal, get_signal
+from eebench.policies import ExitPolicy, get_policy
+from eebench.signals import Signal
 
 Risk = Literal["disagreement", "accuracy-loss"]
 Bound = Literal["clopper-pearson", "hoeffding"]
@@ -329,17 +330,19 @@ def held_out(logits: torch.Tensor, labels, signal: str | Signal, target: Target,
     return held_out_many(logits, labels, signal, [target], split, metric, num_thresholds, scale)[0]
 
 
-def held_out_many(logits: torch.Tensor, labels, signal: str | Signal, targets: list[Target],
+def held_out_many(logits: torch.Tensor, labels, signal: str | Signal | ExitPolicy, targets: list[Target],
                   split: SplitSpec = SplitSpec(), metric: str = "accuracy", num_thresholds: int = 100,
-                  scale: float = 1.0) -> list[OperatingPoint]:
-    """``held_out`` for several targets on the same splits (one simulation per split)."""
+                  scale: float = 1.0, scores: torch.Tensor | None = None) -> list[OperatingPoint]:
+    """``held_out`` for several targets on the same splits (one simulation per split).
+    ``scores`` [N, M]: an exit policy's cached values (policies that read a method's modules)."""
     for t in targets:
         t.check()
-    sig = get_signal(signal)
+    sig = get_policy(signal)
     sig.check_task(logits.shape[-1])
     get_metric(metric)
     labels = torch.as_tensor(labels).long()
-    scores = sig.score(logits)
+    if scores is None:
+        scores = sig.scores(logits)
     m = logits.shape[1]
     final_pred = logits[:, -1].argmax(-1)
     ops = [OperatingPoint(sig.name, asdict(t), asdict(split), metric) for t in targets]
@@ -387,18 +390,19 @@ def _score_split(cands, logits, labels, final_pred, target: Target, metric: str,
     return rec
 
 
-def pick_threshold_held_out(logits: torch.Tensor, labels, signal: str | Signal, target: Target,
+def pick_threshold_held_out(logits: torch.Tensor, labels, signal: str | Signal | ExitPolicy, target: Target,
                             split: SplitSpec = SplitSpec(repeats=1), metric: str = "accuracy",
-                            num_thresholds: int = 100) -> tuple[float, np.ndarray, np.ndarray, dict]:
+                            num_thresholds: int = 100, scores: torch.Tensor | None = None,
+                            ) -> tuple[float, np.ndarray, np.ndarray, dict]:
     """One threshold chosen on the calibration part of the first split (shuffle split only):
     ``(threshold, cal_idx, eval_idx, record)``, for ``eebench bench`` and the Python API.
     Raises ``EebenchError`` when the target is not reached on calibration."""
     if split.folds:
         raise EebenchError("a single threshold needs a calibration / evaluation split, not --folds")
     split = SplitSpec(split.cal_fraction, None, 1, split.seed)
-    sig = get_signal(signal)
+    sig = get_policy(signal)
     labels = torch.as_tensor(labels).long()
-    scores = sig.score(logits)
+    scores = sig.scores(logits) if scores is None else scores
     ((cal, ev),) = dev_splits(labels, split)[0]
     c = candidates(logits, scores, sig, cal, num_thresholds)
     ch = choose(c, cal, labels, logits[:, -1].argmax(-1), target, metric, logits.shape[1])
@@ -436,9 +440,10 @@ def violation_check(logits: torch.Tensor, labels, signal: str | Signal, target: 
 # --------------------------------------------------------------------------- summaries
 
 
-def sweep_summary(logits: torch.Tensor, labels, signal: str | Signal, speedups, split: SplitSpec = SplitSpec(),
-                  guarantee: Target | None = None, metric: str = "accuracy", num_thresholds: int = 100,
-                  scale: float = 1.0) -> tuple[dict[str, float | None], dict]:
+def sweep_summary(logits: torch.Tensor, labels, signal: str | Signal | ExitPolicy, speedups,
+                  split: SplitSpec = SplitSpec(), guarantee: Target | None = None, metric: str = "accuracy",
+                  num_thresholds: int = 100, scale: float = 1.0,
+                  scores: torch.Tensor | None = None) -> tuple[dict[str, float | None], dict]:
     """Held-out summary keys of one signal sweep, and the settings that produced them.
 
     Keys: ``heldout_<metric>_at_<x>x`` (mean over repeats of the evaluation metric at the
@@ -447,7 +452,7 @@ def sweep_summary(logits: torch.Tensor, labels, signal: str | Signal, speedups, 
     ``guaranteed_speedup``, ``guaranteed_risk`` (evaluation risk against the final layer) and
     ``guaranteed_violation_rate``. None where no repeat reached the target."""
     targets = [Target(speedup=float(x)) for x in speedups] + ([guarantee] if guarantee else [])
-    ops = held_out_many(logits, labels, signal, targets, split, metric, num_thresholds, scale)
+    ops = held_out_many(logits, labels, signal, targets, split, metric, num_thresholds, scale, scores)
     out: dict[str, float | None] = {}
     for x, op in zip(speedups, ops, strict=False):
         s = op.summary()

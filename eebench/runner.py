@@ -614,8 +614,8 @@ class Runner:
                 from eebench.operating import sweep_summary
 
                 split, guarantee = operating_settings(self.cfg)
-                extra, heldout = sweep_summary(logits, labels, s, SUMMARY_SPEEDUPS, split, guarantee, self.spec.main_metric,
-                                               self.cfg.num_thresholds, scale)
+                extra, heldout = sweep_summary(logits, labels, pol, SUMMARY_SPEEDUPS, split, guarantee,
+                                               self.spec.main_metric, self.cfg.num_thresholds, scale, cached_scores)
                 summary.update(extra)
             result.sweeps[s] = SignalSweep(signal=s, points=points, summary=summary, confirm=confirm,
                                            num_thresholds=self.cfg.num_thresholds,

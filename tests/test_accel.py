@@ -61,7 +61,7 @@ def test_eager_and_sdpa_compute_the_same_logits(arch):
     assert sdpa.backbone.config._attn_implementation == "sdpa"
     ids, mask = padded_batch(6, 12)
     with torch.no_grad():
-        torch.testing.assert_close(eager(ids, mask), sdpa(ids, mask), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(eager(ids, mask).logits, sdpa(ids, mask).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_attention_saved_and_overridable_on_load(tmp_path):
@@ -100,7 +100,7 @@ def test_trainer_bf16_autocasts_only_where_native(tiny_backbone_dir, toy_task, m
     seen = []
 
     def spy(model, args, kwargs, out):
-        seen.append((torch.is_autocast_enabled("cpu"), out.dtype, model.training))
+        seen.append((torch.is_autocast_enabled("cpu"), out.logits.dtype, model.training))
 
     monkeypatch.setattr(accel, "cpu_info", lambda: NO_BF16)
     trainer, ds = _toy_trainer(tiny_backbone_dir, toy_task, "bf16")

@@ -2,7 +2,8 @@
 
 tests/data/golden_methods.json holds the per-layer dev accuracies (final and per epoch), the
 sweep points of four signals and the true-early-exit checks of every built-in method, recorded
-with ``python -m tests.golden`` on commit 62dc638 (before the plugin contract). The same run on
+with ``python -m tests.golden`` on main at 3562c3b (before the plugin contract; first recorded on
+62dc638, re-recorded after main changed the CPU attention kernel and numbers). The same run on
 the current code must give exactly the same numbers on the CPU.
 """
 

@@ -105,7 +105,8 @@ def test_resume_with_method_modules_and_per_step_objectives(toy, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    ckpt = tmp_path / "b" / "checkpoint"
+    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
     assert state["state"]["step"] == 9 and state["state"]["micro"] == 3  # an odd micro-batch comes next
     resumed, _, res = _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
     assert res.resumed_from_step == 9
