@@ -152,6 +152,17 @@ def _colours(n: int) -> list:
     return [base[i % len(base)] for i in range(n)]
 
 
+def _panels(n: int, width: float, height: float, dpi: int = 110):
+    """A figure with ``n`` panels, three to a row, sharing the y axis; the unused ones hidden."""
+    plt = _plt()
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=dpi, squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def curves_frame(groups: Sequence[Group], signal: str, value: Callable[[CellResult, np.ndarray], np.ndarray],
                  grid: np.ndarray, name: str) -> pd.DataFrame:
     """One row per (group, speed-up): mean, std and number of cells of ``value`` on the grid."""
@@ -268,10 +279,7 @@ def training_curves(groups: Sequence[Group], out: Path, task: str = "") -> list[
         return []
     labels = list(dict.fromkeys(df["config"]))
     metric = [c for c in df.columns if c.endswith("_mean")][0][: -len("_mean")]
-    plt = _plt()
-    cols = min(3, len(labels))
-    rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False, sharey=True)
+    fig, axes = _panels(len(labels), 4.2, 3.2)
     for ax, label in zip(axes.flat, labels, strict=False):
         d = df[df["config"] == label]
         layers = sorted(d["layer"].unique())
@@ -284,8 +292,6 @@ def training_curves(groups: Sequence[Group], out: Path, task: str = "") -> list[
         ax.set_title(f"{label} (n={int(d['n'].max())})", fontsize=8)
         ax.set_xlabel("epoch (phase by phase)")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(labels):]:
-        ax.axis("off")
     axes[0, 0].set_ylabel(f"dev {metric} (x100)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{task}: per-layer dev {metric} during training", fontsize=10)
@@ -333,10 +339,7 @@ def exit_distribution(groups: Sequence[Group], out: Path, signal: str = "energy"
     if df.empty:
         return []
     labels = list(dict.fromkeys(df["config"]))
-    plt = _plt()
-    cols = min(3, len(labels))
-    rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=110, squeeze=False, sharey=True)
+    fig, axes = _panels(len(labels), 4.2, 3.0)
     for ax, label in zip(axes.flat, labels, strict=False):
         d = df[df["config"] == label]
         golds = list(dict.fromkeys(d["gold_label"]))
@@ -350,8 +353,6 @@ def exit_distribution(groups: Sequence[Group], out: Path, signal: str = "energy"
         ax.set_xticks(sorted(d["layer"].unique()))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3, axis="y")
-    for ax in axes.flat[len(labels):]:
-        ax.axis("off")
     axes[0, 0].set_ylabel("% of the label's dev samples")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{task}: exit layers by gold label, {signal} exits at the threshold nearest {target:g}x", fontsize=10)
@@ -418,10 +419,7 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
     if not sel:
         return []
     frames = []
-    plt = _plt()
-    cols = min(3, len(sel))
-    rows = math.ceil(len(sel) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), dpi=110, squeeze=False, sharey=True)
+    fig, axes = _panels(len(sel), 4.4, 3.4)
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "x"]
     for ax, (label, cells) in zip(axes.flat, sel, strict=False):
@@ -444,8 +442,6 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
         ax.set_xlabel("speed-up (layers, Eq. 12)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes.flat[len(sel):]:
-        ax.axis("off")
     axes[0, 0].set_ylabel(f"dev {_metric(sel[0][1])} (x100)")
     fig.suptitle(f"{task}: exit signals compared under each training method", fontsize=10)
     fig.tight_layout()
