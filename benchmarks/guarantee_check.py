@@ -16,7 +16,7 @@ import math
 import torch
 from safetensors.torch import load_file
 
-from eebench.operating import SplitSpec, Target, violation_check
+from eebench.exits.operating import SplitSpec, Target, violation_check
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ def load_sst2(limit: int | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from eebench.inference import bench, format_bench
-    from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
+    from eebench.inference.engine import bench, format_bench
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")

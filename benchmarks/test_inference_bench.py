@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import needs_glue, sst2_rows
-from eebench.exits import simulate_exits
-from eebench.inference import EarlyExitEngine, bench, one_pass_logits, pick_threshold, prepare_examples
+from eebench.exits.rule import simulate_exits
+from eebench.inference.engine import EarlyExitEngine, bench, one_pass_logits, pick_threshold, prepare_examples
 
 N_SENTENCES = 48
 BATCH = 16

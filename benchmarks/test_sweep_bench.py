@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import ASSERT_LIMITS, needs_glue, sst2_rows
-from eebench.exits import sweep
+from eebench.exits.rule import sweep
 
 SIGNALS = ("energy", "entropy", "softmax", "patience")
 

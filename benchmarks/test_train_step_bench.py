@@ -8,14 +8,14 @@ import time
 import torch
 
 from benchmarks.conftest import ASSERT_LIMITS, needs_glue, sst2_rows
-from eebench.strategy import StepContext, build_strategy
+from eebench.training.strategy import StepContext, build_strategy
 
 
 @needs_glue
 def test_train_step_ratios(benchmark, minilm):
     from transformers import AutoModelForSequenceClassification
 
-    from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
 
     _, tok = minilm
     path, _ = resolve_model("minilm-l6")

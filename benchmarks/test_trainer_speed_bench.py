@@ -23,7 +23,7 @@ import pytest
 
 from benchmarks.conftest import needs_glue
 from benchmarks.trainer_speed import Setup, measure
-from eebench.accel import cpu_info
+from eebench.model.accel import cpu_info
 
 ASSERT = os.environ.get("EEBENCH_BENCH_ASSERT") == "1"
 ROUNDS = int(os.environ.get("EEBENCH_BENCH_ROUNDS", "3"))

@@ -3,7 +3,7 @@
 Every contender trains one epoch over the same rows, in the same batches (eebench's loader,
 plain shuffled batches padded to their longest row, ``group_by_length=False``, the same seed):
 
-* ``trainer``: ``eebench.training.Trainer`` with the ``vanilla`` strategy, exactly as
+* ``trainer``: ``eebench.training.trainer.Trainer`` with the ``vanilla`` strategy, exactly as
   ``eebench run`` drives it (the dev set is 8 rows so that the epoch-end evaluation is noise);
 * ``bare``: a plain loop a transformers user would write: ``AutoModel`` with
   ``output_hidden_states=True``, one mean-pooled linear exit per layer, summed CE, AdamW
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eebench.accel import autocast, cpu_info, machine_info
+from eebench.model.accel import autocast, cpu_info, machine_info
 
 
 @dataclass
@@ -43,8 +43,8 @@ def load_rows(setup: Setup):
     """(train tokenized, 8-row dev tokenized, tokenizer, backbone path): the first ``rows`` rows."""
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task, load_task, tokenize
-    from eebench.models import resolve_model
+    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.model.backbone import resolve_model
 
     spec = get_task(setup.task)
     path, _ = resolve_model("minilm-l6")
@@ -76,7 +76,7 @@ class BareModel(nn.Module):
 
 def bare_epoch(model: BareModel, train, tok, setup: Setup, precision: str = "fp32") -> float:
     """One epoch of the bare loop over eebench's batches; returns seconds."""
-    from eebench.data import make_loader
+    from eebench.data.tasks import make_loader
 
     model.train()
     loader = make_loader(train, tok, setup.batch_size, shuffle=True, seed=setup.seed * 1000, group_by_length=False)
@@ -100,8 +100,8 @@ def bare_epoch(model: BareModel, train, tok, setup: Setup, precision: str = "fp3
 
 def trainer_epoch(model, train, dev, tok, spec, setup: Setup, precision: str = "fp32") -> float:
     """One epoch through eebench's Trainer (vanilla strategy); returns its training seconds."""
-    from eebench.strategy import build_strategy
-    from eebench.training import TrainConfig, Trainer
+    from eebench.training.strategy import build_strategy
+    from eebench.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(batch_size=setup.batch_size, seed=setup.seed, device="cpu", precision=precision,
                       group_by_length=False, progress=False, checkpoint_every=0, eval_batch_size=8)
@@ -111,7 +111,7 @@ def trainer_epoch(model, train, dev, tok, spec, setup: Setup, precision: str = "
 def measure(setup: Setup, contenders: list[str], rounds: int = 3, log=print) -> dict:
     """Interleaved rounds of one epoch per contender; contenders are ``trainer-<attn>-<precision>``
     or ``bare-<attn>-<precision>``. Returns per-contender times, medians and samples/s."""
-    from eebench.models import MultiExitConfig, MultiExitModel
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
 
     train, dev, tok, spec, path = load_rows(setup)
     models = {}

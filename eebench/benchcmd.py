@@ -1,6 +1,6 @@
 """``eebench bench``: wall-clock latency / throughput of true early exit for a trained cell.
 
-Loads the cell's model and dev split, calls ``eebench.inference.bench`` and stores the figures in
+Loads the cell's model and dev split, calls ``eebench.inference.engine.bench`` and stores the figures in
 the cell's result JSON (``bench``) and its MLflow run.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eebench.errors import EebenchError
-from eebench.results import CellResult
+from eebench.runs.results import CellResult
 
 
 def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float] | None = None,
@@ -18,17 +18,17 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
                no_mlflow: bool = False, precision: str = "fp32", attn_implementation: str = "auto",
                held: tuple | None = None) -> dict:
     """Bench one cell. ``held`` = (SplitSpec, Target): the threshold is chosen on a calibration
-    part of the cell's cached dev logits (``eebench.operating``) and only the evaluation part is
+    part of the cell's cached dev logits (``eebench.exits.operating``) and only the evaluation part is
     benched, so the layer and wall-clock speed-ups are measured on inputs that did not choose it.
     Without it (or with explicit ``thresholds``) every dev input is used (``target_speedup`` is
     then picked on the benched inputs themselves: an oracle choice). ``precision`` /
     ``attn_implementation`` choose how inference runs (the trained weights do not depend on either)."""
-    from eebench.accel import check_attn_implementation, resolve_precision
-    from eebench.data import get_task, load_task, subset, tokenize
-    from eebench.inference import bench, format_bench
-    from eebench.models import MultiExitModel, resolve_model
-    from eebench.runner import cell_policy
-    from eebench.tracking import Tracker, default_tracking_uri
+    from eebench.data.tasks import get_task, load_task, subset, tokenize
+    from eebench.inference.engine import bench, format_bench
+    from eebench.model.accel import check_attn_implementation, resolve_precision
+    from eebench.model.backbone import MultiExitModel, resolve_model
+    from eebench.runs.runner import cell_policy
+    from eebench.runs.tracking import Tracker, default_tracking_uri
 
     d = Path(cell)
     if not (d / "result.json").exists() or not (d / "model").exists():
@@ -50,7 +50,7 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     if held is not None and thresholds is None:
         from safetensors.torch import load_file
 
-        from eebench.operating import pick_threshold_held_out
+        from eebench.exits.operating import pick_threshold_held_out
 
         cache = d / "dev_logits.safetensors"
         if not cache.exists():

@@ -23,7 +23,7 @@ def _csv(s: str) -> list[str]:
 
 
 def add_split_arguments(p: argparse.ArgumentParser, run: bool = False) -> None:
-    """How held-out operating points split the dev set (eebench.operating)."""
+    """How held-out operating points split the dev set (eebench.exits.operating)."""
     d = (lambda v: None) if run else (lambda v: v)  # run: None = the RunConfig default
     g = p.add_argument_group("held-out operating points (threshold chosen on a calibration part of dev, "
                              "scored on the rest)")
@@ -43,7 +43,7 @@ def add_split_arguments(p: argparse.ArgumentParser, run: bool = False) -> None:
 
 
 def _split_and_target(args, speedup: float | None):
-    from eebench.operating import SplitSpec, Target
+    from eebench.exits.operating import SplitSpec, Target
 
     split = SplitSpec(args.cal_fraction, args.folds, args.split_repeats, args.split_seed)
     split.check()
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the optimiser checkpoint of finished cells (default: dropped; model/ and logits stay)")
     r.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where cells run: local (default) or ray (one Ray task per cell; pip install 'eebench[ray]')")
-    from eebench.distributed import add_ray_arguments, add_tune_arguments
+    from eebench.scale.executor import add_ray_arguments, add_tune_arguments
 
     add_ray_arguments(r)
     add_split_arguments(r, run=True)
@@ -177,11 +177,11 @@ def _load_includes(args) -> None:
 
 
 def cmd_list(args=None) -> None:
-    from eebench.data import list_tasks
-    from eebench.models import HEADS, MODEL_ALIASES
-    from eebench.policies import POLICIES, get_policy
-    from eebench.signals import SIGNALS
-    from eebench.strategy import METHODS, list_methods
+    from eebench.data.tasks import list_tasks
+    from eebench.exits.policies import POLICIES, get_policy
+    from eebench.exits.signals import SIGNALS
+    from eebench.model.backbone import HEADS, MODEL_ALIASES
+    from eebench.training.strategy import METHODS, list_methods
 
     if args is not None:
         _load_includes(args)
@@ -210,7 +210,7 @@ def cmd_list(args=None) -> None:
         print(f"  {n:20s} {HEADS.get(n).description}{origin(HEADS, n)}")
     print("tasks:")
     print("  " + ", ".join(list_tasks()) + "  (or a path to your own task YAML)")
-    from eebench.runner import list_recipes
+    from eebench.runs.runner import list_recipes
 
     print("recipes (eebench run --config NAME; flags and key=value overrides win):")
     for name, desc in list_recipes().items():
@@ -221,7 +221,7 @@ def cmd_list(args=None) -> None:
 
 
 def cmd_run(args) -> None:
-    from eebench.runner import Runner, run_config_from
+    from eebench.runs.runner import Runner, run_config_from
 
     _load_includes(args)  # before the config is checked: it may name plugin methods
     keys = ["include", "task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",
@@ -230,24 +230,24 @@ def cmd_run(args) -> None:
             "keep_checkpoint", "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
     if args.executor == "ray":
-        from eebench.distributed import cmd_run_ray
+        from eebench.scale.executor import cmd_run_ray
 
         cmd_run_ray(cfg, args)
     else:
-        from eebench.distributed import check_no_ray_flags
+        from eebench.scale.executor import check_no_ray_flags
 
         check_no_ray_flags(args)
         Runner(cfg).run()
 
 
 def cmd_tune(args) -> None:
-    from eebench.distributed import cmd_tune as tune
+    from eebench.scale.executor import cmd_tune as tune
 
     tune(args)
 
 
 def cmd_report(args) -> None:
-    from eebench.report import load_results, logits_index, report
+    from eebench.reports.report import load_results, logits_index, report
 
     split, target = _split_and_target(args, args.speedup)
     rs = load_results(args.results, args.tracking_uri, args.task)
@@ -259,8 +259,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from eebench.policies import check_policy_names
-    from eebench.runner import sweep_saved
+    from eebench.exits.policies import check_policy_names
+    from eebench.runs.runner import sweep_saved
 
     _load_includes(args)
     signals = _csv(args.signals)
@@ -272,8 +272,8 @@ def cmd_log(args) -> None:
     from pathlib import Path
 
     from eebench.errors import EebenchError
-    from eebench.results import find_results
-    from eebench.tracking import Tracker, log_results
+    from eebench.runs.results import find_results
+    from eebench.runs.tracking import Tracker, log_results
 
     root = Path(args.results)
     if not root.exists():

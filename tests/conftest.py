@@ -35,7 +35,7 @@ needs_glue = pytest.mark.skipif(not GLUE_DIR or not os.path.isdir(GLUE_DIR), rea
 
 
 def tiny_model(arch: str = "bert", num_labels: int = 2, pooling: str = "cls", seed: int = 0, **kw):
-    from eebench.models import MultiExitConfig, MultiExitModel
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
 
     torch.manual_seed(seed)
     cfg = MultiExitConfig(model=f"tiny-{arch}", num_labels=num_labels, pooling=pooling,

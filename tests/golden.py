@@ -19,7 +19,7 @@ SIGNALS = ["energy", "entropy", "softmax", "patience"]
 
 def produce(workdir: Path) -> dict:
     from eebench.cli import main
-    from eebench.results import find_results
+    from eebench.runs.results import find_results
     from tests.conftest import write_tiny_backbone, write_toy_task
 
     backbone = write_tiny_backbone(workdir / "tiny-bert")

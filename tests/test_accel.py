@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import eebench.accel as accel
+import eebench.model.accel as accel
 from eebench.errors import EebenchError
 from tests.conftest import padded_batch, tiny_model
 
@@ -65,7 +65,7 @@ def test_eager_and_sdpa_compute_the_same_logits(arch):
 
 
 def test_attention_saved_and_overridable_on_load(tmp_path):
-    from eebench.models import MultiExitModel
+    from eebench.model.backbone import MultiExitModel
 
     model = tiny_model("bert", attn_implementation="sdpa")
     model.save(tmp_path)
@@ -81,10 +81,10 @@ def test_attention_saved_and_overridable_on_load(tmp_path):
 def _toy_trainer(toy_dir, toy_task, precision: str, seed: int = 7):
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task, load_task, tokenize
-    from eebench.models import MultiExitConfig, MultiExitModel
-    from eebench.strategy import build_strategy
-    from eebench.training import TrainConfig, Trainer, seed_everything
+    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
+    from eebench.training.strategy import build_strategy
+    from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 
     tok = AutoTokenizer.from_pretrained(toy_dir)
     spec = get_task(str(toy_task))

@@ -1,4 +1,4 @@
-"""The paper's analyses (eebench.analyses), recipes and COSEE's protocol warning.
+"""The paper's analyses (eebench.reports.analyses), recipes and COSEE's protocol warning.
 
 Figures are checked through the CSV behind them, against values computed here by brute force."""
 
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from eebench import analyses as A
-from eebench.exits import simulate_exits, sweep
-from eebench.metrics import difficulty_inversion_by_layer, exit_counts_by_label
-from eebench.results import CellResult, SignalSweep
-from eebench.signals import get_signal
+from eebench.exits.metrics import difficulty_inversion_by_layer, exit_counts_by_label
+from eebench.exits.rule import simulate_exits, sweep
+from eebench.exits.signals import get_signal
+from eebench.reports import analyses as A
+from eebench.runs.results import CellResult, SignalSweep
 
 
 def _cell(method: str, seed: int, points: list[dict], task: str = "t", history=None, dis=None, signal="energy",
@@ -161,7 +161,7 @@ def test_cross_task_table_reference_rows_and_matched_speedup():
 def test_recipes_are_listed_and_resolve(tmp_path, capsys):
     from eebench.cli import main
     from eebench.errors import EebenchError
-    from eebench.runner import list_recipes, run_config_from
+    from eebench.runs.runner import list_recipes, run_config_from
 
     assert {"paper", "cpu"} <= set(list_recipes())
     assert main(["list"]) == 0
@@ -184,7 +184,7 @@ def test_recipes_are_listed_and_resolve(tmp_path, capsys):
 
 
 def test_cosee_warns_when_trained_for_one_epoch():
-    from eebench.strategy import build_strategy
+    from eebench.training.strategy import build_strategy
 
     assert "one epoch" in build_strategy("cosee").protocol_warnings(1)[0]
     assert build_strategy("cosee").protocol_warnings(3) == []

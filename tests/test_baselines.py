@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
-from eebench.exits import exit_layers_from_scores, predictions_at_exit, simulate_exits
-from eebench.inference import EarlyExitEngine, one_pass_scores, pick_threshold
+from eebench.exits.policies import get_policy
+from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit, simulate_exits
+from eebench.inference.engine import EarlyExitEngine, one_pass_scores, pick_threshold
 from eebench.methods.berxit import LteExit, lte_loss, lte_targets, lte_targets_regression
 from eebench.methods.palbert import (
     LambdaLayer,
@@ -23,9 +24,8 @@ from eebench.methods.palbert import (
     kl_prior_to_p,
     q_exit_cdf,
 )
-from eebench.models import MultiExitModel
-from eebench.policies import get_policy
-from eebench.strategy import StepContext, build_strategy
+from eebench.model.backbone import MultiExitModel
+from eebench.training.strategy import StepContext, build_strategy
 from tests.conftest import padded_batch, tiny_model
 
 # ----------------------------------------------------------------------------- BERxiT (1f)
@@ -91,9 +91,9 @@ def test_berxit_alternate_gradients(method):
 def test_berxit_two_stage_keeps_backbone_and_final_head_in_stage_two(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task, load_task, tokenize
-    from eebench.models import MultiExitConfig
-    from eebench.training import TrainConfig, Trainer, seed_everything
+    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.model.backbone import MultiExitConfig
+    from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
     spec = get_task(str(toy_task))
@@ -179,9 +179,9 @@ def test_palbert_lambda_layer_parameter_count():
 def test_palbert_own_parameter_group_and_adam(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task
-    from eebench.models import MultiExitConfig
-    from eebench.training import TrainConfig, Trainer
+    from eebench.data.tasks import get_task
+    from eebench.model.backbone import MultiExitConfig
+    from eebench.training.trainer import TrainConfig, Trainer
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
     model = MultiExitModel.from_config(MultiExitConfig(model=str(tiny_backbone_dir), num_labels=2, pooling="mean"))
@@ -293,14 +293,14 @@ def test_per_step_freeze_in_the_trainer(tiny_backbone_dir, toy_task):
     """A method may freeze any named group per step: here the backbone learns on even steps only."""
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task, load_task, tokenize
-    from eebench.models import MultiExitConfig
-    from eebench.strategy import Strategy
-    from eebench.training import TrainConfig, Trainer
+    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.model.backbone import MultiExitConfig
+    from eebench.training.strategy import Strategy
+    from eebench.training.trainer import TrainConfig, Trainer
 
     class EvenBackbone(Strategy):
         def loss(self, layer_logits, labels, ctx):
-            from eebench.strategy import per_layer_ce
+            from eebench.training.strategy import per_layer_ce
 
             return per_layer_ce(layer_logits, labels).mean(0).sum(), {}
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from eebench.cli import main
-from eebench.results import find_results
+from eebench.runs.results import find_results
 
 
 def _run_args(task, model, out, *extra):
@@ -120,7 +120,7 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
 
 
 def test_second_identical_run_trains_nothing(finished_run, tiny_backbone_dir, capsys, monkeypatch):
-    import eebench.training as tr
+    import eebench.training.trainer as tr
 
     finished_run, toy_task = finished_run
     def boom(*a, **k):
@@ -154,7 +154,7 @@ def test_second_identical_run_trains_nothing(finished_run, tiny_backbone_dir, ca
     assert "patience_auc" in newest.data.metrics and newest.info.status == "FINISHED"
     assert len(kids[parents[1].info.run_id]) == 4  # the identical re-run covered all four cells
     # reports from MLflow count each cell once, with its newest sweeps
-    from eebench.report import load_results
+    from eebench.reports.report import load_results
 
     cells = load_results(None, f"sqlite:///{finished_run / 'mlflow.db'}", "toy")
     assert sorted((x.method, x.seed) for x in cells) == [("cosee", 1), ("cosee", 2), ("vanilla", 1), ("vanilla", 2)]
@@ -169,7 +169,7 @@ def test_sweep_command_adds_signals(finished_run):
 
 
 def test_interrupted_cell_resumes_without_corrupt_files(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
-    import eebench.runner as runner
+    import eebench.runs.runner as runner
 
     out = tmp_path / "runs"
     real = runner.Runner.sweep_cell
@@ -228,7 +228,7 @@ def test_bad_task_model_and_output(tmp_path, tiny_backbone_dir, toy_task, capsys
 
 
 def test_config_file_and_overrides(tmp_path, tiny_backbone_dir, toy_task):
-    from eebench.runner import run_config_from
+    from eebench.runs.runner import run_config_from
 
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text(f"task: {toy_task}\nmodel: {tiny_backbone_dir}\nmethods: [cosee]\nepochs: 3\n")
@@ -367,7 +367,7 @@ def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_
         assert point["exit_counts"][-1] == 48  # every input leaves at the last kept layer
         assert point["accuracy"] == pytest.approx(by_layers[k].layers[-1]["accuracy"])
     # The report keeps the two reference points apart: two rows, each its own number.
-    from eebench.report import main_table
+    from eebench.reports.report import main_table
 
     df = main_table(find_results(out), 2.0)
     assert list(df.index) == ["final-only", "final-only (2 of 4 layers)"]
@@ -404,7 +404,7 @@ def test_report_writes_the_papers_analyses_and_logs_them(finished_run, tmp_path,
 
 
 def test_attention_and_precision_are_recorded_and_in_the_cell_identity(finished_run, tiny_backbone_dir):
-    from eebench.runner import RunConfig, Runner
+    from eebench.runs.runner import RunConfig, Runner
 
     out, toy_task = finished_run
     (r, *_) = [x for x in find_results(out) if x.method == "vanilla" and x.seed == 1]

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from eebench.errors import EebenchError, UnknownNameError
-from eebench.exits import (
+from eebench.exits.metrics import METRICS, exit_counts, speedup_ratio
+from eebench.exits.rule import (
     area_under_front,
     metric_at_speedup,
     pareto_front,
@@ -18,10 +19,9 @@ from eebench.exits import (
     sweep,
     threshold_grid,
 )
-from eebench.inference import early_exit
-from eebench.metrics import METRICS, exit_counts, speedup_ratio
-from eebench.models import MultiExitModel
-from eebench.signals import get_signal, list_signals
+from eebench.exits.signals import get_signal, list_signals
+from eebench.inference.engine import early_exit
+from eebench.model.backbone import MultiExitModel
 from tests.conftest import TINY_CONFIGS, padded_batch, tiny_model
 
 SIGNALS = ["energy", "entropy", "softmax", "patience"]
@@ -333,7 +333,7 @@ def test_unknown_pooling_and_arch():
 
 
 def test_premature_and_delayed_rates_match_their_definition():
-    from eebench.metrics import exit_decision_rates
+    from eebench.exits.metrics import exit_decision_rates
 
     torch.manual_seed(0)
     n, m, t = 30, 5, 7

@@ -104,7 +104,7 @@ def test_ray_flags_need_the_ray_executor(tiny_backbone_dir, toy_task, tmp_path, 
 
 
 def test_search_space_and_objective_parsing():
-    from eebench.distributed import Objective, objective_from_points, parse_objective, parse_space
+    from eebench.scale.executor import Objective, objective_from_points, parse_objective, parse_space
 
     space = parse_space(["lr=1e-5,2e-5", "cosee.alpha=0.01,0.1", "beta0=1,10", "batch=16"], {"alpha": 0.1, "beta0": 10.0},
                         "grid")
@@ -140,7 +140,7 @@ def ray_mod():
 @pytest.fixture
 def local_ray(ray_mod):
     """A local Ray of 2 CPUs, started by eebench itself and kept for the module."""
-    from eebench.distributed import init_ray
+    from eebench.scale.executor import init_ray
 
     if not ray_mod.is_initialized():
         init_ray(None, num_cpus=2)
@@ -232,8 +232,8 @@ def test_ray_grid_matches_local_executor(local_ray, tiny_backbone_dir, toy_task,
 
 
 def test_two_one_cpu_cells_run_concurrently(local_ray, tiny_backbone_dir, toy_task, tmp_path):
-    from eebench.distributed import RayOptions, run_on_ray
-    from eebench.runner import RunConfig
+    from eebench.runs.runner import RunConfig
+    from eebench.scale.executor import RayOptions, run_on_ray
 
     cfg = RunConfig(task=str(toy_task), model=str(tiny_backbone_dir), methods=["vanilla"], seeds=[1, 2], signals=["energy"],
                     epochs=3, batch_size=16, lr=3e-3, pooling="mean", output=str(tmp_path / "runs"), no_mlflow=True,
@@ -244,8 +244,8 @@ def test_two_one_cpu_cells_run_concurrently(local_ray, tiny_backbone_dir, toy_ta
 
 
 def test_lost_worker_is_retried_from_the_cell_checkpoint(local_ray, tiny_backbone_dir, toy_task, tmp_path, monkeypatch):
-    from eebench.distributed import RayOptions, run_on_ray
-    from eebench.runner import RunConfig
+    from eebench.runs.runner import RunConfig
+    from eebench.scale.executor import RayOptions, run_on_ray
 
     marker = tmp_path / "killed"
     monkeypatch.setenv("EEBENCH_TEST_KILL_AFTER_EPOCH", str(marker))  # the worker dies once, at an epoch end
@@ -320,8 +320,8 @@ def test_tune_trial_that_raises_is_reported_and_the_others_finish(local_ray, tin
 
 def test_tune_trial_whose_worker_dies_is_retried_from_the_cell_checkpoint(local_ray, tiny_backbone_dir, toy_task,
                                                                          tmp_path, monkeypatch):
-    from eebench.distributed import RayOptions, tune
-    from eebench.runner import RunConfig
+    from eebench.runs.runner import RunConfig
+    from eebench.scale.executor import RayOptions, tune
 
     marker = tmp_path / "killed"
     monkeypatch.setenv("EEBENCH_TEST_KILL_AFTER_EPOCH", str(marker))  # the trial's worker dies once

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from eebench.cli import main
-from eebench.results import find_results
+from eebench.runs.results import find_results
 from tests.test_cli import _free_port, _run_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,10 +35,10 @@ _TRAIN_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from transformers import AutoTokenizer
-from eebench.data import get_task, load_task, tokenize
-from eebench.models import MultiExitConfig, MultiExitModel
-from eebench.strategy import build_strategy
-from eebench.training import TrainConfig, Trainer, seed_everything
+from eebench.data.tasks import get_task, load_task, tokenize
+from eebench.model.backbone import MultiExitConfig, MultiExitModel
+from eebench.training.strategy import build_strategy
+from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 import safetensors.torch as st
 
 real = st.save_file
@@ -73,7 +73,7 @@ Trainer(model, build_strategy("cosee"), cfg, tok, spec, out_dir={out!r}).train(t
 def toy(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data import get_task, load_task, tokenize
+    from eebench.data.tasks import get_task, load_task, tokenize
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
     spec = get_task(str(toy_task))
@@ -367,7 +367,7 @@ sys.exit(main({argv!r}))
 def test_second_run_on_one_folder_waits_for_the_cell(tmp_path, tiny_backbone_dir, toy_task, monkeypatch, capsys):
     """Run A trains the cell (slowly); run B on the same folder starts meanwhile: it waits for A's
     lock, then finds the cell finished and trains nothing."""
-    import eebench.training as tr
+    import eebench.training.trainer as tr
 
     out = tmp_path / "runs"
     argv = _run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy", "--no-mlflow")
@@ -407,7 +407,7 @@ def test_second_run_on_one_folder_waits_for_the_cell(tmp_path, tiny_backbone_dir
 
 
 def test_csv_field_count_error_has_no_tsv_hint(tmp_path):
-    from eebench.data import load_task
+    from eebench.data.tasks import load_task
     from eebench.errors import EebenchError
 
     task = _bad_csv_task(tmp_path)
@@ -417,7 +417,7 @@ def test_csv_field_count_error_has_no_tsv_hint(tmp_path):
 
 
 def test_header_is_refused_for_jsonl(tmp_path):
-    from eebench.data import load_task
+    from eebench.data.tasks import load_task
     from eebench.errors import EebenchError
 
     d = tmp_path / "j"
@@ -445,7 +445,7 @@ def test_header_is_refused_for_jsonl(tmp_path):
 def test_interrupted_run_does_not_leave_its_parent_run_running(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
     import mlflow
 
-    import eebench.runner as runner
+    import eebench.runs.runner as runner
 
     def die(*a, **k):
         raise KeyboardInterrupt

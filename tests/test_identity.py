@@ -8,8 +8,8 @@ import pytest
 
 from eebench.cli import main
 from eebench.errors import EebenchError
-from eebench.results import CellResult, find_results
-from eebench.runner import RunConfig, Runner
+from eebench.runs.results import CellResult, find_results
+from eebench.runs.runner import RunConfig, Runner
 
 
 def _runner(tmp_path, task, model, **kw) -> Runner:
@@ -114,7 +114,7 @@ def test_new_threshold_grid_is_swept_again(tmp_path, toy_task, tiny_backbone_dir
     assert main(_args(toy_task, tiny_backbone_dir, out)) == 0
     (r,) = find_results(out)
     assert r.sweeps["energy"].num_thresholds == 10
-    import eebench.training as tr
+    import eebench.training.trainer as tr
 
     monkeypatch.setattr(tr.Trainer, "train", lambda *a, **k: pytest.fail("trained again"))
     args = _args(toy_task, tiny_backbone_dir, out)
@@ -128,7 +128,7 @@ def test_new_threshold_grid_is_swept_again(tmp_path, toy_task, tiny_backbone_dir
 def test_exit_check_mismatch_is_loud(tmp_path, toy_task, tiny_backbone_dir, capsys, monkeypatch):
     import mlflow
 
-    import eebench.runner as runner
+    import eebench.runs.runner as runner
 
     real = runner.Runner.confirm
 
@@ -170,7 +170,7 @@ def test_legacy_result_json_still_reads_and_reports(tmp_path):
     """Cells written before complete identities (the committed results/) load and group."""
     from pathlib import Path
 
-    from eebench.grouping import group_cells
+    from eebench.reports.grouping import group_cells
 
     files = sorted(Path(__file__).parent.parent.glob("results/sst2-*/cells/*.json"))
     assert len(files) == 6
@@ -185,8 +185,8 @@ def test_legacy_result_json_still_reads_and_reports(tmp_path):
 
 
 def test_overrides_parse_by_type():
-    from eebench.runner import run_config_from
-    from eebench.strategy import build_strategy
+    from eebench.runs.runner import run_config_from
+    from eebench.training.strategy import build_strategy
 
     cfg = run_config_from({}, None, ["cosee.swm=false", "cosee.osc=False", "cosee.num_thresholds=3",
                                      "group_by_length=false"])
@@ -211,6 +211,6 @@ def test_cell_config_json_matches_result_identity(tmp_path, toy_task, tiny_backb
     d = next(out.rglob("result.json")).parent
     assert json.loads((d / "cell_config.json").read_text()) == r.config
     assert d.name == f"vanilla-s42-{r.cell_id}"
-    from eebench.runner import cell_hash
+    from eebench.runs.runner import cell_hash
 
     assert cell_hash(r.config) == r.cell_id

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from eebench.errors import EebenchError
-from eebench.exits import predictions_at_exit, simulate_exits
-from eebench.inference import (
+from eebench.exits.metrics import speedup_ratio
+from eebench.exits.rule import predictions_at_exit, simulate_exits
+from eebench.inference.engine import (
     MODES,
     EarlyExitEngine,
     bench,
@@ -25,8 +26,7 @@ from eebench.inference import (
     pick_threshold,
     prepare_examples,
 )
-from eebench.metrics import speedup_ratio
-from eebench.models import MultiExitConfig, MultiExitModel
+from eebench.model.backbone import MultiExitConfig, MultiExitModel
 
 SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, vocab_size=100)
 BACKBONES = {
@@ -260,7 +260,7 @@ def test_bench_returns_the_documented_keys(setups):
 
 
 def test_bench_records_precision_attention_and_cpu(setups, monkeypatch, capsys):
-    import eebench.accel as accel
+    import eebench.model.accel as accel
 
     model, exs, _ = setups["bert"]
     fake = accel.CpuInfo("Fake CPU without bf16", ("avx2",), False)
@@ -279,7 +279,7 @@ def test_bench_records_precision_attention_and_cpu(setups, monkeypatch, capsys):
 def test_bf16_engine_reproduces_its_own_simulation(setups, monkeypatch, signal):
     """Under bf16 autocast (forced on, whatever this CPU has) every mode still exits where the
     bf16 one-pass logits say; and those logits do differ from fp32 (autocast really ran)."""
-    import eebench.accel as accel
+    import eebench.model.accel as accel
 
     monkeypatch.setattr(accel, "cpu_info", lambda: accel.CpuInfo("Fake CPU with bf16", ("avx512_bf16",), True))
     model, exs, fp32_logits = setups["bert"]

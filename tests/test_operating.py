@@ -1,4 +1,4 @@
-"""Held-out operating points and the finite-sample guarantee (eebench.operating), on synthetic
+"""Held-out operating points and the finite-sample guarantee (eebench.exits.operating), on synthetic
 logits whose right answers are known by construction."""
 
 import math
@@ -9,7 +9,7 @@ import torch
 from scipy.stats import binom
 
 from eebench.errors import EebenchError
-from eebench.operating import (
+from eebench.exits.operating import (
     SplitSpec,
     Target,
     dev_splits,

@@ -17,7 +17,7 @@ def _client(out):
 
 
 def test_child_run_is_open_while_its_cell_trains(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
-    import eebench.tracking as tracking
+    import eebench.runs.tracking as tracking
 
     out = tmp_path / "runs"
     seen = []
@@ -47,7 +47,7 @@ def test_child_run_is_open_while_its_cell_trains(tmp_path, tiny_backbone_dir, to
 
 
 def test_failed_cell_ends_failed(tmp_path, tiny_backbone_dir, toy_task, monkeypatch):
-    import eebench.runner as runner
+    import eebench.runs.runner as runner
 
     out = tmp_path / "runs"
 
@@ -64,8 +64,8 @@ def test_failed_cell_ends_failed(tmp_path, tiny_backbone_dir, toy_task, monkeypa
 
 
 def test_sweep_csv_is_readable():
-    from eebench.report import sweep_frame
-    from eebench.results import SignalSweep
+    from eebench.reports.report import sweep_frame
+    from eebench.runs.results import SignalSweep
 
     pts = [{"threshold": 0.123456789, "speedup": 1.23456789, "layer_speedup": 1.23456789, "exit_counts": [3, 1],
             "premature_rate": 0.1, "delayed_rate": 0.2, "pareto": True, "accuracy": 0.812345678, "f1": 0.7},
@@ -86,7 +86,7 @@ def _best_at(xs, ys, x):  # the definition, written out: best score among points
 
 
 def test_staircase_is_the_curve_the_summaries_read():
-    from eebench.report import staircase
+    from eebench.reports.report import staircase
 
     rng = random.Random(0)
     for _ in range(50):
@@ -104,7 +104,7 @@ def test_staircase_is_the_curve_the_summaries_read():
 
 
 def test_mean_front_averages_seed_staircases():
-    from eebench.exits import mean_front
+    from eebench.exits.rule import mean_front
 
     rng = random.Random(1)
     for _ in range(30):

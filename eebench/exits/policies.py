@@ -3,7 +3,7 @@
 One protocol, two forms that must agree:
 
 * **vectorised** -- ``scores(out)`` turns one pass over every layer (``ExitOutput``: logits,
-  exit features) into a value per sample and layer, [N, M]; ``eebench.exits`` then simulates any
+  exit features) into a value per sample and layer, [N, M]; ``eebench.exits.rule`` then simulates any
   number of thresholds at once with the shared rule ("leave at the first internal layer whose
   value meets the threshold, else at the last"). Sweeps, COSEE's training-time exits and the
   cached dev scores use this form.
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from eebench.errors import EebenchError, UnknownNameError
+from eebench.exits.signals import SIGNALS, Signal, get_signal
 from eebench.registry import Registry
-from eebench.signals import SIGNALS, Signal, get_signal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from eebench.models import ExitOutput, MultiExitModel
+    from eebench.model.backbone import ExitOutput, MultiExitModel
 
 #: Policy state between layers: batch-first tensors (the engine subsets / regroups them) or None.
 State = tuple[torch.Tensor, ...] | None
@@ -88,7 +88,7 @@ class ExitPolicy:
 
 
 class SignalPolicy(ExitPolicy):
-    """A signal of the logits (``eebench.signals``) against one threshold."""
+    """A signal of the logits (``eebench.exits.signals``) against one threshold."""
 
     def __init__(self, signal: str | Signal):
         super().__init__()
@@ -137,7 +137,7 @@ def method_policies(method: str | None, method_params: dict | None = None) -> di
     """The policies a method declares (``Strategy.policies``), by name; {} for none."""
     if not method:
         return {}
-    from eebench.strategy import build_strategy
+    from eebench.training.strategy import build_strategy
 
     return build_strategy(method, method_params).policies()
 
@@ -157,7 +157,7 @@ def get_policy(name: str | Signal | ExitPolicy, method: str | None = None, metho
     if isinstance(name, Signal):
         return SignalPolicy(name)
     if name not in SIGNALS and name not in POLICIES:  # methods (and plugins) may register signals
-        from eebench.strategy import _load_methods
+        from eebench.training.strategy import _load_methods
 
         _load_methods()
     if name in SIGNALS:
@@ -184,7 +184,7 @@ def policy_direction(name: str, method: str | None = None, method_params: dict |
 
 def check_policy_names(names: list[str]) -> None:
     """Every name must be a signal, a registered policy or some registered method's policy."""
-    from eebench.strategy import list_methods
+    from eebench.training.strategy import list_methods
 
     known = {*SIGNALS.names(), *POLICIES.names()}
     for spec in list_methods():

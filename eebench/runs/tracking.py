@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eebench import __version__
-from eebench.results import CellResult, git_commit
+from eebench.runs.results import CellResult, git_commit
 
 log = logging.getLogger("eebench")
 
@@ -83,9 +83,9 @@ def cell_run_name(config: dict, settings: dict | None = None) -> str:
     default (a resolved value counts as default when it is what the default resolves to: head lr =
     lr, micro-batch = batch, the backbone's recommended pooling, all layers), and every method
     hyper-parameter off its default, e.g. ``cosee-s42 lr=3e-05 alpha=0.01``."""
-    from eebench.config import RunConfig
-    from eebench.models import resolve_model
-    from eebench.strategy import get_method
+    from eebench.model.backbone import resolve_model
+    from eebench.runs.config import RunConfig
+    from eebench.training.strategy import get_method
 
     defaults = RunConfig()
     c = {**(settings or {}), **config}
@@ -305,7 +305,7 @@ class Tracker:
     def log_sweeps(self, run_id: str, result: CellResult, cell_dir: Path) -> None:
         from mlflow.entities import Metric
 
-        from eebench.plots import plot_pareto, sweep_frame
+        from eebench.runs.plots import plot_pareto, sweep_frame
 
         ts = _now_ms()
         metrics = []
@@ -319,7 +319,7 @@ class Tracker:
                             metric=result.config.get("main_metric", "accuracy"))
                 self.client.log_artifact(run_id, str(png))
                 # oracle_* (chosen on the scored dev set) and heldout_* / guaranteed_* have distinct names
-                from eebench.operating import mlflow_summary
+                from eebench.exits.operating import mlflow_summary
 
                 metrics += [Metric(f"{signal}_{k}", v, ts, 0) for k, v in mlflow_summary(sw.summary).items()]
                 if sw.confirm:
@@ -342,9 +342,9 @@ class Tracker:
         def log() -> None:
             from mlflow.entities import Metric
 
-            from eebench.exits import mean_front
-            from eebench.plots import _front, full_model_point, plot_pareto, seed_summary
-            from eebench.results import SignalSweep
+            from eebench.exits.rule import mean_front
+            from eebench.runs.plots import _front, full_model_point, plot_pareto, seed_summary
+            from eebench.runs.results import SignalSweep
 
             ts = _now_ms()
             metric = results[0].config.get("main_metric", "accuracy")

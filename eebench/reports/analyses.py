@@ -2,7 +2,7 @@
 (CSV), seeds aggregated (mean ± std over the cells of one configuration).
 
 Every function here takes *groups*: ``(label, cells)`` pairs, one per configuration (the same
-training setup, several seeds), as ``eebench.report`` groups them. Nothing here trains or runs a
+training setup, several seeds), as ``eebench.reports.report`` groups them. Nothing here trains or runs a
 model; everything is read from ``result.json`` (sweep points, per-layer DIS, per-epoch history).
 
 - ``cross_task_table``: the paper's Table 2 layout (methods x tasks at a matched speed-up);
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eebench.results import CellResult
+from eebench.runs.results import CellResult
 
 Group = tuple[str, list[CellResult]]
 

@@ -11,7 +11,7 @@ The contract a method implements (every hook but ``loss`` / ``compute_loss`` has
   parameter-name prefixes);
 * ``phases()``: training stages, each with the groups that learn, an epoch count, its optimiser
   and schedule; ``trainable_now(ctx)`` can change the learning groups per step;
-* ``policies()``: its own exit policies (``eebench.policies``) by name.
+* ``policies()``: its own exit policies (``eebench.exits.policies``) by name.
 
 Groups every model has: ``backbone``, ``internal`` (internal exit heads), ``final`` (the final
 head and the shared pooler), ``extras`` (every method module) and ``extras.<name>``.
@@ -37,8 +37,8 @@ from eebench.errors import EebenchError, UnknownNameError
 from eebench.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from eebench.models import ExitOutput, MultiExitModel
-    from eebench.policies import ExitPolicy
+    from eebench.exits.policies import ExitPolicy
+    from eebench.model.backbone import ExitOutput, MultiExitModel
 
 
 @dataclass(frozen=True)

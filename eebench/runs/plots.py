@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from eebench.grouping import _method_order
-from eebench.results import CellResult, SignalSweep
+from eebench.runs.results import CellResult, SignalSweep
+
+
+def _method_order(m: str) -> tuple[int, str]:
+    order = ["final-only", "two-stage", "vanilla", "weighted", "cosee-no-swm", "cosee-no-osc", "cosee"]
+    return (order.index(m) if m in order else len(order), m)
 
 
 def sweep_frame(sw: SignalSweep, digits: int = 4) -> pd.DataFrame:

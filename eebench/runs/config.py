@@ -33,7 +33,7 @@ class RunConfig(BaseModel):
     num_layers: int | None = Field(default=None, ge=1)
     device: str = "auto"
     precision: str = "fp32"
-    attn_implementation: str = "auto"  # auto | eager | sdpa (eebench.accel.choose_attn_implementation)
+    attn_implementation: str = "auto"  # auto | eager | sdpa (eebench.model.accel.choose_attn_implementation)
     group_by_length: bool = True
     checkpoint_every: int = Field(default=50, ge=0)
     keep_checkpoint: bool = False  # keep the optimiser checkpoint of a finished cell
@@ -44,7 +44,7 @@ class RunConfig(BaseModel):
     no_mlflow: bool = False
     num_thresholds: int = Field(default=100, ge=1)
     confirm_thresholds: int = Field(default=3, ge=0)
-    # Held-out operating points in the summaries (eebench.operating); analysis only, not hashed.
+    # Held-out operating points in the summaries (eebench.exits.operating); analysis only, not hashed.
     cal_fraction: float = 0.5
     folds: int | None = None
     split_repeats: int = 20

@@ -10,18 +10,19 @@ from pathlib import Path
 import pandas as pd
 
 from eebench.errors import EebenchError
-from eebench.exits import metric_at_speedup
-from eebench.grouping import _method_order, group_cells  # noqa: F401 - re-exported
-from eebench.operating import SplitSpec, Target
-from eebench.plots import (  # noqa: F401 - re-exported: the report's plots and sweep tables
+from eebench.exits.operating import SplitSpec, Target
+from eebench.exits.rule import metric_at_speedup
+from eebench.reports.grouping import group_cells  # noqa: F401 - re-exported
+from eebench.runs.plots import (  # noqa: F401 - re-exported: the report's plots and sweep tables
     _front,
+    _method_order,  # noqa: F401 - re-exported
     full_model_point,
     plot_pareto,
     seed_summary,
     staircase,
     sweep_frame,
 )
-from eebench.results import CellResult, SignalSweep, find_results
+from eebench.runs.results import CellResult, SignalSweep, find_results
 
 ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
 
@@ -43,7 +44,7 @@ def _at(sw: SignalSweep, metric: str, target: float) -> float:
 
 
 class HeldOut:
-    """Held-out operating points of cells (``eebench.operating``), computed from each cell's cached
+    """Held-out operating points of cells (``eebench.exits.operating``), computed from each cell's cached
     dev logits when ``logits`` knows where they are (cell id -> dev_logits.safetensors), else read
     from the held-out summary the run stored (only for speed-up targets with the same split).
 
@@ -75,7 +76,7 @@ class HeldOut:
         if r.cell_id in self.logits:
             from safetensors.torch import load_file
 
-            from eebench.operating import held_out
+            from eebench.exits.operating import held_out
 
             cached = load_file(self.logits[r.cell_id])
             scale = r.model.get("backbone_layers", 1) / r.model.get("num_layers", 1)
@@ -298,7 +299,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                               title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling (oracle fronts)",
                               metric=metric)
             text.append(f"\nPareto plot (oracle fronts: every dev point): {png}")
-            from eebench import analyses
+            from eebench.reports import analyses
 
             files = analyses.write_all(report_groups(rs), Path(out_dir) / task / "analyses", task,
                                        signals=[signal], target=speedup, label_names=_label_names(rs))
@@ -307,7 +308,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 text.append("Analyses (PNG + CSV): " + ", ".join(sorted({f.stem for f in files})) + f" in "
                             f"{Path(out_dir) / task / 'analyses'}")
         text.append("")
-    from eebench import analyses
+    from eebench.reports import analyses
 
     kinds = ([("", held.point, f"held-out ({held.describe()}; mean over seeds of the mean over splits)")]
              if held is not None else []) + (
@@ -330,7 +331,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             _atomic(path, lambda p, t=rendered: Path(p).write_text(t + "\n"))
             written.setdefault("", []).append(path)
     if log_to and out_dir:
-        from eebench.tracking import log_report
+        from eebench.runs.tracking import log_report
 
         for task, files in written.items():
             url = log_report(log_to, task or None, files, Path(out_dir) / task if task else Path(out_dir))
@@ -351,7 +352,7 @@ def report_groups(results: list[CellResult]) -> list[tuple[str, list[CellResult]
 
 def _label_names(results: list[CellResult]) -> list[str] | None:
     try:
-        from eebench.data import get_task
+        from eebench.data.tasks import get_task
 
         spec = get_task(results[0].data.get("task_source", results[0].task))
         return list(spec.label_names) if spec.label_names else None
@@ -380,7 +381,7 @@ def load_results(results_dir: str | None, tracking_uri: str | None, task: str | 
 
 
 def _results_from_mlflow_or_say_why(tracking_uri: str, task: str | None) -> list[CellResult]:
-    from eebench.tracking import Tracker
+    from eebench.runs.tracking import Tracker
 
     hint = "start it, or report from the local files with --results DIR"
     if tracking_uri.startswith(("http://", "https://")) and not Tracker._reachable(tracking_uri):

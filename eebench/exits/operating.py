@@ -29,7 +29,7 @@ scored on. This module does the honest equivalent from cached dev logits [N, M, 
   threshold that lets no one exit has risk 0 by construction and is always admissible (it is
   returned, at speed-up 1, when nothing else can be certified).
 
-The exit rule itself is ``eebench.exits`` (one place); this module only selects among
+The exit rule itself is ``eebench.exits.rule`` (one place); this module only selects among
 thresholds. Everything is vectorised over the threshold grid: one [T, N] simulation per split.
 """
 
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from eebench.errors import EebenchError
-from eebench.exits import exit_layers_from_scores, predictions_at_exit, threshold_grid
-from eebench.metrics import get_metric, speedup_ratios
-from eebench.policies import ExitPolicy, get_policy
-from eebench.signals import Signal
+from eebench.exits.metrics import get_metric, speedup_ratios
+from eebench.exits.policies import ExitPolicy, get_policy
+from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit, threshold_grid
+from eebench.exits.signals import Signal
 
 Risk = Literal["disagreement", "accuracy-loss"]
 Bound = Literal["clopper-pearson", "hoeffding"]

@@ -39,7 +39,7 @@ class SignalSweep(BaseModel):
     confirm: list[dict[str, Any]] = Field(default_factory=list)  # true early exit vs simulation
     num_thresholds: int | None = None  # the grid size asked for (None: a result from before it was recorded)
     dis: list[float | None] = Field(default_factory=list)  # difficulty inversion score per layer (empty: not computed)
-    # settings behind the held-out ``heldout_*`` / ``guaranteed_*`` summary keys (eebench.operating)
+    # settings behind the held-out ``heldout_*`` / ``guaranteed_*`` summary keys (eebench.exits.operating)
     heldout: dict[str, Any] = Field(default_factory=dict)
 
 

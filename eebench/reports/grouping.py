@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from eebench.errors import EebenchError
-from eebench.results import CellResult
+from eebench.runs.plots import _method_order
+from eebench.runs.results import CellResult
 
 #: Keys of an identity that never go into a label: the group's method and task are shown
 #: elsewhere; row counts follow from the sample settings; depth is shown as "K of M layers".
@@ -82,7 +83,7 @@ def _j(v: Any) -> str:
 def _reference(key: str, values: list[Any]) -> Any:
     """The value of ``key`` a row's label need not name: eebench's default when some row uses it,
     else the value most rows share (none when that is a tie: then every row names its value)."""
-    from eebench.config import RunConfig
+    from eebench.runs.config import RunConfig
 
     seen = [_j(v) for v in values]
     field_ = RunConfig.model_fields.get(key)
@@ -94,13 +95,8 @@ def _reference(key: str, values: list[Any]) -> Any:
     return counts[0][1]
 
 
-def _method_order(m: str) -> tuple[int, str]:
-    order = ["final-only", "two-stage", "vanilla", "weighted", "cosee-no-swm", "cosee-no-osc", "cosee"]
-    return (order.index(m) if m in order else len(order), m)
-
-
 def _method_defaults(method: str) -> dict[str, Any] | None:
-    from eebench.strategy import get_method
+    from eebench.training.strategy import get_method
 
     try:
         return dict(get_method(method).defaults)

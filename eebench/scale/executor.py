@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from eebench.errors import EebenchError
 
 if TYPE_CHECKING:
-    from eebench.results import CellResult
+    from eebench.runs.results import CellResult
 
 RAY_HINT = "pip install 'eebench[ray]'"
 
@@ -179,7 +179,7 @@ def _cell_lock(cell_dir: Path) -> Iterator[None]:
     """One process at a time per cell folder (two trials may draw the same config): the second
     waits and then finds the cell finished. The runner's own lock (re-entrant, so that
     ``run_cell`` inside takes it again at no cost)."""
-    from eebench.runner import cell_lock
+    from eebench.runs.runner import cell_lock
 
     with cell_lock(cell_dir):
         yield
@@ -188,7 +188,7 @@ def _cell_lock(cell_dir: Path) -> Iterator[None]:
 def _worker_config(cfg_data: dict[str, Any], gpus: float):
     """The worker's RunConfig: tracking off (the driver logs), no progress bars, and no GPU
     unless the cell asked Ray for one."""
-    from eebench.config import RunConfig
+    from eebench.runs.config import RunConfig
 
     data = dict(cfg_data, no_mlflow=True, progress=False)
     if gpus <= 0 and data.get("device", "auto") == "auto":
@@ -197,12 +197,12 @@ def _worker_config(cfg_data: dict[str, Any], gpus: float):
 
 
 def _needs_work(runner, method: str, seed: int, h: str) -> bool:
-    from eebench.results import CellResult
+    from eebench.runs.results import CellResult
 
     p = runner.cell_dir(method, seed, h) / "result.json"
     if not p.exists():
         return True
-    from eebench.runner import signals_to_sweep
+    from eebench.runs.runner import signals_to_sweep
 
     try:
         return bool(signals_to_sweep(CellResult.from_disk(p), runner._cell_policies(method), runner.cfg.num_thresholds))
@@ -216,7 +216,7 @@ def _cell_task(cfg_data: dict, method: str, seed: int, cc: dict, h: str, ctx: di
     executor does, and hand the CellResult back to the driver."""
     start = time.time()
     with _as_driver(ctx, cpus):
-        from eebench.runner import Runner
+        from eebench.runs.runner import Runner
 
         runner = Runner(_worker_config(cfg_data, gpus))
         runner.epoch_hook = _kill_once_hook()
@@ -273,7 +273,7 @@ def run_on_ray(cfg, opts: RayOptions | None = None, raise_on_error: bool = True)
     """``eebench run --executor ray``: every (method, seed) cell as one Ray task with its resource
     request; results JSON and MLflow runs as with the local executor. Outcomes in cell order;
     with ``raise_on_error`` a failed cell raises CellsFailed once all others are done."""
-    from eebench.runner import Runner
+    from eebench.runs.runner import Runner
 
     opts = opts or RayOptions()
     opts.check()
@@ -388,7 +388,7 @@ def parse_objective(text: str, metrics: list[str] | None = None) -> Objective:
 
 def objective_from_points(points: list[dict], obj: Objective, main_metric: str, num_layers: int) -> float | None:
     """The objective from a cell's sweep points (speed-ups already on the full backbone's scale)."""
-    from eebench.exits import area_under_front, metric_at_speedup
+    from eebench.exits.rule import area_under_front, metric_at_speedup
 
     if not points:
         return None
@@ -402,7 +402,7 @@ def objective_from_points(points: list[dict], obj: Objective, main_metric: str, 
 def objective_from_logits(logits, labels, signal: str, obj: Objective, main_metric: str, scale: float,
                           num_thresholds: int) -> float | None:
     """The objective of a model from its dev logits (the same sweep a finished cell gets)."""
-    from eebench.exits import sweep
+    from eebench.exits.rule import sweep
 
     metric = obj.metric or main_metric
     sw = sweep(logits, labels, signal, metrics=(metric,), num_thresholds=num_thresholds)
@@ -462,7 +462,7 @@ def parse_space(items: list[str], method_params: dict[str, Any], search: str) ->
 
 def _trial_run_config(base: dict[str, Any], method: str, params: dict[str, Any], signal: str | None):
     """The RunConfig of one trial: the base settings with the trial's values."""
-    from eebench.config import RunConfig
+    from eebench.runs.config import RunConfig
 
     data = json.loads(json.dumps(base))
     mp = data.setdefault("method_params", {}).setdefault(method, {})
@@ -483,7 +483,7 @@ def _trial_run_config(base: dict[str, Any], method: str, params: dict[str, Any],
 
 
 def _train_signal(method: str, method_params: dict[str, Any]) -> str:
-    from eebench.strategy import build_strategy
+    from eebench.training.strategy import build_strategy
 
     return build_strategy(method, method_params).train_signal or "energy"
 
@@ -514,7 +514,7 @@ def _trial_fn(base: dict, method: str, objective: Objective, signal: str | None,
 
 
 def _run_trial(base, method, config, objective: Objective, signal, per_epoch, gpus, report) -> dict:
-    from eebench.runner import Runner
+    from eebench.runs.runner import Runner
 
     method_params = {k: v for k, v in config.items() if k not in TUNABLE_RUN_KEYS}
     mp = {**base.get("method_params", {}).get(method, {}), **method_params}
@@ -527,7 +527,7 @@ def _run_trial(base, method, config, objective: Objective, signal, per_epoch, gp
     common = {"cell_id": h, "cell_dir": str(d), "signal": sig, "error": "", "traceback": ""}
     if per_epoch:
         def hook(model, epoch: int, entry: dict) -> None:
-            from eebench.training import collect_logits
+            from eebench.training.trainer import collect_logits
 
             _, dev_ds, tok, _ = runner.data()
             logits, labels = collect_logits(model, dev_ds, tok, 64)
@@ -601,7 +601,7 @@ class TrialMlflow:
     @property
     def tracker(self):
         if self._tracker is None:
-            from eebench.tracking import Tracker
+            from eebench.runs.tracking import Tracker
 
             self._tracker = Tracker(self.uri, self.output, enabled=self.enabled)
         return self._tracker
@@ -624,7 +624,7 @@ class TrialMlflow:
                     "trial_status": status, "tune_objective": self.objective_label,
                     "mlflow.runName": f"{self.method}-trial-{row['trial_id']}"}
             if status == "ok":
-                from eebench.results import CellResult
+                from eebench.runs.results import CellResult
 
                 d = Path(m["cell_dir"])
                 result = CellResult.from_disk(d / "result.json")
@@ -686,9 +686,9 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
     """``eebench tune``: Ray Tune over ``grid``; each trial is one eebench cell and an MLflow child
     run of the tune run. Prints and saves the table of all trials and the best config; the same
     command (or ``resume=True``) resumes an interrupted search."""
-    from eebench.policies import check_policy_names
-    from eebench.runner import Runner, cell_hash, create_output
-    from eebench.strategy import build_strategy, get_method
+    from eebench.exits.policies import check_policy_names
+    from eebench.runs.runner import Runner, cell_hash, create_output
+    from eebench.training.strategy import build_strategy, get_method
 
     opts = opts or RayOptions()
     opts.check()
@@ -964,7 +964,7 @@ def check_no_ray_flags(args) -> None:
 
 def cmd_tune(args) -> TuneSummary:
     """``eebench tune``: the RunConfig from flags / config file, then ``tune``."""
-    from eebench.runner import run_config_from
+    from eebench.runs.runner import run_config_from
 
     keys = ["task", "model", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs", "lr", "head_lr",
             "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device", "precision",

@@ -2,7 +2,7 @@
 
 ``EarlyExitEngine`` runs a trained ``MultiExitModel`` layer by layer with one exit signal and one
 threshold, in three modes that all give the exit layers and predictions of the one-pass simulation
-(``eebench.exits.simulate_exits``) up to float noise:
+(``eebench.exits.rule.simulate_exits``) up to float noise:
 
 * ``single``: one input at a time, no padding (the latency setting);
 * ``batched``: fixed batches (in input order, or shortest first with ``sort_by_length``); exited
@@ -11,9 +11,9 @@ threshold, in three modes that all give the exit layers and predictions of the o
   sample keeps its own layer position, hidden states and length.
 
 Every mode drives the model's one ``LayerStepper`` (embed -> layer -> exit head) and asks an exit
-policy (``eebench.policies``: a signal + threshold, or a method's own rule such as BERxiT's LTE or
+policy (``eebench.exits.policies``: a signal + threshold, or a method's own rule such as BERxiT's LTE or
 PALBERT's Q-exit) after every layer through its incremental form; the maths lives in
-``eebench.signals`` / ``eebench.policies`` and ``eebench.exits``. ``bench`` measures latency and throughput of every mode
+``eebench.exits.signals`` / ``eebench.exits.policies`` and ``eebench.exits.rule``. ``bench`` measures latency and throughput of every mode
 against the full model (all layers, final head only) and returns a JSON-ready dict;
 ``format_bench`` renders it as a markdown table.
 """
@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from eebench.accel import autocast, machine_info, resolve_precision
 from eebench.errors import EebenchError
-from eebench.exits import exit_layers_from_scores, predictions_at_exit
-from eebench.metrics import exit_counts, speedup_ratio, speedup_ratios
-from eebench.models import MultiExitModel, select_state
-from eebench.policies import ExitPolicy, SignalPolicy, get_policy
-from eebench.signals import Signal
+from eebench.exits.metrics import exit_counts, speedup_ratio, speedup_ratios
+from eebench.exits.policies import ExitPolicy, SignalPolicy, get_policy
+from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit
+from eebench.exits.signals import Signal
+from eebench.model.accel import autocast, machine_info, resolve_precision
+from eebench.model.backbone import MultiExitModel, select_state
 
 MODES = ("single", "batched", "streaming")
 
@@ -169,7 +169,7 @@ class EarlyExitEngine:
         self.threshold = float(threshold)
         self.num_layers = model.num_layers
         self.num_labels = model.config.num_labels
-        # Compared in float64, exactly as eebench.exits.exit_layers_from_scores does.
+        # Compared in float64, exactly as eebench.exits.rule.exit_layers_from_scores does.
         self._thr = torch.tensor(self.threshold, dtype=torch.float64, device=self.device)
         stepper = model.stepper
         self._embed, self._layer, self._restate = stepper.embed, stepper.layer, stepper.restate
@@ -457,7 +457,7 @@ class ThresholdChoice:
 def one_pass_logits(model: MultiExitModel, examples, batch_size: int = 32,
                     device: str | torch.device = "cpu", precision: str = "fp32") -> torch.Tensor:
     """Logits of every exit, [N, M, C] float32, from ``model.forward`` in input-order batches
-    (``precision``: as resolved by ``eebench.accel.resolve_precision``)."""
+    (``precision``: as resolved by ``eebench.model.accel.resolve_precision``)."""
     items = prepare_examples(examples, device)
     model = model.to(device).eval()
     out = []
@@ -620,7 +620,7 @@ def bench(
     Returns a JSON-serialisable dict with keys ``model``, ``signal``, ``num_layers``,
     ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``sort_by_length``, ``threads``, ``repeats``,
     ``warmup``, ``device``, ``torch``, ``platform``, ``precision`` (as run), ``attn_implementation``, ``machine``
-    (``eebench.accel.machine_info``: CPU model and flags, native bf16, threads), ``full`` ({``single``, ``batched``}),
+    (``eebench.model.accel.machine_info``: CPU model and flags, native bf16, threads), ``full`` ({``single``, ``batched``}),
     ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
     ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
     fractions}, ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},

@@ -3,7 +3,7 @@
 Two forward modes on the same weights:
 
 * ``forward`` runs all layers in one pass and returns logits of every layer, [N, M, C];
-* ``eebench.inference`` (``early_exit``, ``EarlyExitEngine``) runs layer by layer through the same
+* ``eebench.inference.engine`` (``early_exit``, ``EarlyExitEngine``) runs layer by layer through the same
   ``LayerStepper`` and stops computing for a sample once it exits.
 
 The backbone is driven layer by layer through a small per-architecture adapter (embeddings, the
@@ -431,7 +431,7 @@ class MultiExitConfig:
     num_layers: int | None = None  # keep only the first K layers (budget exiting); None: all
     dropout: float | None = None  # None: the backbone's hidden dropout
     backbone_config: dict = field(default_factory=dict)  # for random-init (test) backbones
-    # eager | sdpa | auto (eebench.accel.choose_attn_implementation for the default device);
+    # eager | sdpa | auto (eebench.model.accel.choose_attn_implementation for the default device);
     # None (configs saved before this field existed): auto
     attn_implementation: str | None = None
     # The method whose own modules (``model.extras``) this model carries, and its hyper-parameters:
@@ -560,7 +560,7 @@ class MultiExitModel(nn.Module):
         cfg.attn_implementation = backbone.config._attn_implementation
         model = cls(backbone, cfg)
         if cfg.method:
-            from eebench.strategy import build_strategy
+            from eebench.training.strategy import build_strategy
 
             model.attach(build_strategy(cfg.method, cfg.method_params))
         missing, unexpected = model.load_state_dict(load_file(d / "model.safetensors", device=str(map_location)), strict=False)
@@ -571,7 +571,7 @@ class MultiExitModel(nn.Module):
 
 def resolve_attn(requested: str | None, device: str | torch.device = "auto") -> str:
     """eager or sdpa for a requested attention implementation (None or auto: the device's best)."""
-    from eebench.accel import choose_attn_implementation
+    from eebench.model.accel import choose_attn_implementation
 
     dev = pick_device(device) if isinstance(device, str) else device
     return choose_attn_implementation(requested or "auto", dev)

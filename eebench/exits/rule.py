@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eebench.errors import EebenchError
-from eebench.metrics import (
+from eebench.exits.metrics import (
     difficulty_inversion_by_layer,
     exit_counts,
     exit_counts_by_label,
@@ -21,8 +21,8 @@ from eebench.metrics import (
     get_metric,
     speedup_ratios,
 )
-from eebench.policies import ExitPolicy, get_policy
-from eebench.signals import Signal
+from eebench.exits.policies import ExitPolicy, get_policy
+from eebench.exits.signals import Signal
 
 
 def exit_layers_from_scores(scores: torch.Tensor, signal: Signal | ExitPolicy, thresholds) -> torch.Tensor:

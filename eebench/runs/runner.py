@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from eebench.config import RunConfig
 from eebench.errors import EebenchError
-from eebench.exits import Sweep, predictions_at_exit, sweep
-from eebench.models import MultiExitConfig, MultiExitModel, resolve_model
-from eebench.results import CellResult, SignalSweep, UnreadableResult
-from eebench.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
+from eebench.exits.rule import Sweep, predictions_at_exit, sweep
+from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
+from eebench.runs.config import RunConfig
+from eebench.runs.results import CellResult, SignalSweep, UnreadableResult
+from eebench.runs.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
 from eebench.util import atomic_write as _atomic
 
 log = logging.getLogger("eebench")
@@ -39,8 +39,8 @@ SUMMARY_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
 
 def speed_settings(cfg: RunConfig) -> tuple[str, str]:
     """(attention implementation, precision) that a cell of ``cfg`` trains with on this machine:
-    ``auto`` and a bf16 request on a CPU without native bf16 resolved (eebench.accel)."""
-    from eebench.accel import choose_attn_implementation, resolve_precision
+    ``auto`` and a bf16 request on a CPU without native bf16 resolved (eebench.model.accel)."""
+    from eebench.model.accel import choose_attn_implementation, resolve_precision
     from eebench.util import pick_device
 
     device = pick_device(cfg.device)
@@ -142,10 +142,10 @@ def validate(cfg: RunConfig):
     """Check every setting before any work starts (exit code 2 with the accepted values), and
     create nothing: the output folder is only checked for being writable. ``Runner.prepare``
     then loads the data before the first file is written."""
-    from eebench.accel import check_attn_implementation
-    from eebench.data import check_trainable, get_task
+    from eebench.data.tasks import check_trainable, get_task
+    from eebench.model.accel import check_attn_implementation
     from eebench.plugins import load_include
-    from eebench.strategy import build_strategy, get_method
+    from eebench.training.strategy import build_strategy, get_method
 
     load_include(cfg.include)  # also in Ray workers, which rebuild the config from its dump
     spec = get_task(cfg.task)
@@ -246,7 +246,7 @@ def create_output(out: Path) -> None:
 
 def operating_settings(cfg: RunConfig):
     """The split and the optional guarantee of the held-out summaries (checked: exit 2 if bad)."""
-    from eebench.operating import SplitSpec, Target
+    from eebench.exits.operating import SplitSpec, Target
 
     split = SplitSpec(cfg.cal_fraction, cfg.folds, cfg.split_repeats, cfg.split_seed)
     split.check()
@@ -258,7 +258,7 @@ def operating_settings(cfg: RunConfig):
 def check_run_policies(names: list[str], methods: dict[str, dict | None], num_labels: int) -> None:
     """Every exit policy asked for must exist on at least one method of the run (a method's own
     policy, e.g. BERxiT's ``lte``, is swept on the cells of the methods that have it)."""
-    from eebench.policies import available_policies, check_policy_names, get_policy
+    from eebench.exits.policies import available_policies, check_policy_names, get_policy
 
     check_policy_names(names)
     for s in names:
@@ -272,13 +272,13 @@ def check_run_policies(names: list[str], methods: dict[str, dict | None], num_la
 
 def cell_policy(result: CellResult, name: str):
     """The unbound exit policy ``name`` for a finished cell; a clear error when its method lacks it."""
-    from eebench.policies import get_policy
+    from eebench.exits.policies import get_policy
 
     return get_policy(name, result.method, result.training.get("hparams"))
 
 
 def summarize(sw: Sweep, scale: float = 1.0) -> dict[str, float]:
-    from eebench.exits import area_under_front, metric_at_speedup
+    from eebench.exits.rule import area_under_front, metric_at_speedup
 
     s = sw.speedups * scale
     v = sw.metrics[sw.main_metric]
@@ -307,7 +307,7 @@ class Runner:
     def raw_data(self):
         """Untokenised train / dev rows (the configured subsets) and their fingerprints, loaded once."""
         if self._raw is None:
-            from eebench.data import data_fingerprint, load_task, subset
+            from eebench.data.tasks import data_fingerprint, load_task, subset
 
             train_raw = load_task(self.cfg.task, self.spec.train_split, data_dir=self.cfg.data_dir)
             dev_raw = load_task(self.cfg.task, self.spec.eval_split, data_dir=self.cfg.data_dir)
@@ -329,7 +329,7 @@ class Runner:
         if self._data is None:
             from transformers import AutoTokenizer
 
-            from eebench.data import tokenize
+            from eebench.data.tasks import tokenize
 
             path, _ = resolve_model(self.cfg.model)
             try:
@@ -345,7 +345,7 @@ class Runner:
     def cells(self) -> list[tuple[str, int, dict, str]]:
         """(method, seed, identity, hash) of every cell; resolves the model and loads the data once."""
         if self._cells is None:
-            from eebench.strategy import build_strategy
+            from eebench.training.strategy import build_strategy
 
             model_settings = resolve_model_settings(self.cfg, self.spec.num_labels)
             info = self.raw_data()[2]
@@ -397,7 +397,7 @@ class Runner:
 
     def run(self) -> list[CellResult]:
         # The trainer refuses this too, but only once a cell starts (where Ray's tests rely on it).
-        from eebench.training import TrainConfig
+        from eebench.training.trainer import TrainConfig
 
         TrainConfig(batch_size=self.cfg.batch_size, micro_batch_size=self.cfg.micro_batch_size).accumulation()
         self.prepare()
@@ -417,7 +417,7 @@ class Runner:
 
     def _cell_policies(self, method: str) -> list[str]:
         """The asked-for policies that cells of ``method`` have (method policies are per method)."""
-        from eebench.policies import available_policies
+        from eebench.exits.policies import available_policies
 
         have = set(available_policies(method, self.cfg.method_params.get(method)))
         return [s for s in self.cfg.signals if s in have]
@@ -462,9 +462,9 @@ class Runner:
         return result
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
-        from eebench.accel import machine_info
-        from eebench.strategy import build_strategy
-        from eebench.training import TrainConfig, Trainer, has_checkpoint, seed_everything
+        from eebench.model.accel import machine_info
+        from eebench.training.strategy import build_strategy
+        from eebench.training.trainer import TrainConfig, Trainer, has_checkpoint, seed_everything
 
         cfg = self.cfg
         train_ds, dev_ds, tok, info = self.data()
@@ -536,18 +536,18 @@ class Runner:
 
     def _train_and_sweep(self, method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds, tok, info,
                          model_info, settings, resuming, t0, protocol) -> CellResult:
-        from eebench.training import collapsed_layers
+        from eebench.training.trainer import collapsed_layers
 
         tr = trainer.train(train_ds, dev_ds, resume=resuming)
         t_train = time.perf_counter() - t0
         model.save(d / "model")
-        from eebench.training import layer_metrics
+        from eebench.training.trainer import layer_metrics
 
         if trainer.last_dev is not None:  # the last epoch's evaluation ran on these final weights
             logits, labels, t_eval, scores = trainer.last_dev
         else:  # resumed after the last epoch had finished: nothing was evaluated in this process
-            from eebench.policies import get_policy
-            from eebench.training import collect_outputs
+            from eebench.exits.policies import get_policy
+            from eebench.training.trainer import collect_outputs
 
             t0 = time.perf_counter()
             pols = [get_policy(n, model=model) for n in strategy.policies()]
@@ -611,7 +611,7 @@ class Runner:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
             summary, heldout = summarize(sw, scale), {}
             if trains_exits:
-                from eebench.operating import sweep_summary
+                from eebench.exits.operating import sweep_summary
 
                 split, guarantee = operating_settings(self.cfg)
                 extra, heldout = sweep_summary(logits, labels, pol, SUMMARY_SPEEDUPS, split, guarantee,
@@ -645,8 +645,8 @@ class Runner:
             raise EebenchError(f"{path} {why} and the saved model cannot be loaded to collect it again "
                                f"({str(e).splitlines()[0][:120]}); {redo}") from None
         dev_ds, tok = self.dev_data(result)
-        from eebench.policies import get_policy
-        from eebench.training import collect_outputs
+        from eebench.exits.policies import get_policy
+        from eebench.training.trainer import collect_outputs
 
         print(f"[{result.method} seed {result.seed}] {path} {why}: collecting the dev logits again from model/",
               flush=True)
@@ -661,7 +661,7 @@ class Runner:
         against the fingerprint in its result."""
         from transformers import AutoTokenizer
 
-        from eebench.data import data_fingerprint, load_task, subset, tokenize
+        from eebench.data.tasks import data_fingerprint, load_task, subset, tokenize
 
         path, _ = resolve_model(result.config["model"])
         try:
@@ -678,15 +678,15 @@ class Runner:
 
     def confirm(self, d: Path, sw: Sweep, logits, signal: str, model, dev_ds, tok) -> list[dict]:
         """True layer-by-layer inference at a few thresholds must match the simulation."""
-        from eebench.data import make_loader
-        from eebench.inference import early_exit
+        from eebench.data.tasks import make_loader
+        from eebench.inference.engine import early_exit
 
         if model is None:
             model = MultiExitModel.load(d / "model")
         if dev_ds is None:
             _, dev_ds, tok, _ = self.data()
         model.eval()
-        from eebench.policies import get_policy
+        from eebench.exits.policies import get_policy
 
         sig = get_policy(signal, model=model)
         device = next(model.parameters()).device
@@ -742,7 +742,7 @@ def _print_cell(r: CellResult) -> None:
     layers = " / ".join(f"{x[metric]:.3f}" for x in r.layers)
     print(f"[{r.method} seed {r.seed}] dev {metric} per layer ({r.model['pooling']} pooling): {layers}", flush=True)
     for s, sw in r.sweeps.items():
-        from eebench.operating import mlflow_summary  # oracle_* and heldout_* labelled as in MLflow
+        from eebench.exits.operating import mlflow_summary  # oracle_* and heldout_* labelled as in MLflow
 
         summ = ", ".join(f"{k} {v:.3f}" for k, v in mlflow_summary(sw.summary).items() if not k.endswith("_std"))
         mism = sum(c["prediction_mismatches"] + c["exit_mismatches"] for c in sw.confirm)
@@ -845,8 +845,8 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
                 no_mlflow: bool = False) -> list[CellResult]:
     """``eebench sweep``: sweep saved cells with other signals, no retraining (from cached logits).
     A cell whose result cannot be read is named and skipped (an error if it is the only one)."""
-    from eebench.data import get_task
-    from eebench.results import cell_dirs
+    from eebench.data.tasks import get_task
+    from eebench.runs.results import cell_dirs
 
     if num_thresholds < 1:
         raise EebenchError(f"--num-thresholds {num_thresholds} is not allowed; give an integer >= 1")

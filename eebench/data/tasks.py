@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from eebench.errors import EebenchError, UnknownNameError
-from eebench.metrics import METRICS
+from eebench.exits.metrics import METRICS
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -877,7 +877,7 @@ def make_loader(tokenized: Dataset, tokenizer, batch_size: int, shuffle: bool = 
     for c in ("input_ids", "label"):
         if c not in tokenized.column_names:
             raise EebenchError(f"tokenized dataset has no column {c!r}; columns found: "
-                               f"{', '.join(tokenized.column_names)} (run eebench.data.tokenize first)")
+                               f"{', '.join(tokenized.column_names)} (run eebench.data.tasks.tokenize first)")
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise EebenchError(f"tokenizer {type(tokenizer).__name__} has no pad token; set tokenizer.pad_token")
     cols = [c for c in _MODEL_INPUTS if c in tokenized.column_names]

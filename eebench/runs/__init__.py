@@ -1,0 +1,2 @@
+"""Runs: the run config, the runner (cells: train, cache logits, sweep, confirm), typed results,
+per-cell plots and sweep tables, and MLflow tracking."""
