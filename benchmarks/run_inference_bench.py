@@ -34,7 +34,7 @@ def load_sst2(limit: int | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from eebench.inference.engine import bench, format_bench
+    from eebench.inference import bench, format_bench
     from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

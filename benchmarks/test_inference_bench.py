@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.conftest import needs_glue, sst2_rows
 from eebench.exits.rule import simulate_exits
-from eebench.inference.engine import EarlyExitEngine, bench, one_pass_logits, pick_threshold, prepare_examples
+from eebench.inference import EarlyExitEngine, bench, one_pass_logits, pick_threshold, prepare_examples
 
 N_SENTENCES = 48
 BATCH = 16

@@ -8,7 +8,7 @@ import time
 import torch
 
 from benchmarks.conftest import ASSERT_LIMITS, needs_glue, sst2_rows
-from eebench.training.strategy import StepContext, build_strategy
+from eebench.strategy import StepContext, build_strategy
 
 
 @needs_glue

@@ -43,7 +43,7 @@ def load_rows(setup: Setup):
     """(train tokenized, 8-row dev tokenized, tokenizer, backbone path): the first ``rows`` rows."""
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.data import get_task, load_task, tokenize
     from eebench.model.backbone import resolve_model
 
     spec = get_task(setup.task)
@@ -76,7 +76,7 @@ class BareModel(nn.Module):
 
 def bare_epoch(model: BareModel, train, tok, setup: Setup, precision: str = "fp32") -> float:
     """One epoch of the bare loop over eebench's batches; returns seconds."""
-    from eebench.data.tasks import make_loader
+    from eebench.data import make_loader
 
     model.train()
     loader = make_loader(train, tok, setup.batch_size, shuffle=True, seed=setup.seed * 1000, group_by_length=False)
@@ -100,7 +100,7 @@ def bare_epoch(model: BareModel, train, tok, setup: Setup, precision: str = "fp3
 
 def trainer_epoch(model, train, dev, tok, spec, setup: Setup, precision: str = "fp32") -> float:
     """One epoch through eebench's Trainer (vanilla strategy); returns its training seconds."""
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
     from eebench.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(batch_size=setup.batch_size, seed=setup.seed, device="cpu", precision=precision,

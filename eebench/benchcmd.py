@@ -1,6 +1,6 @@
 """``eebench bench``: wall-clock latency / throughput of true early exit for a trained cell.
 
-Loads the cell's model and dev split, calls ``eebench.inference.engine.bench`` and stores the figures in
+Loads the cell's model and dev split, calls ``eebench.inference.bench`` and stores the figures in
 the cell's result JSON (``bench``) and its MLflow run.
 """
 
@@ -23,8 +23,8 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     Without it (or with explicit ``thresholds``) every dev input is used (``target_speedup`` is
     then picked on the benched inputs themselves: an oracle choice). ``precision`` /
     ``attn_implementation`` choose how inference runs (the trained weights do not depend on either)."""
-    from eebench.data.tasks import get_task, load_task, subset, tokenize
-    from eebench.inference.engine import bench, format_bench
+    from eebench.data import get_task, load_task, subset, tokenize
+    from eebench.inference import bench, format_bench
     from eebench.model.accel import check_attn_implementation, resolve_precision
     from eebench.model.backbone import MultiExitModel, resolve_model
     from eebench.runs.runner import cell_policy

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the optimiser checkpoint of finished cells (default: dropped; model/ and logits stay)")
     r.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where cells run: local (default) or ray (one Ray task per cell; pip install 'eebench[ray]')")
-    from eebench.scale.executor import add_ray_arguments, add_tune_arguments
+    from eebench.scale.executor import add_ray_arguments
+    from eebench.scale.tune import add_tune_arguments
 
     add_ray_arguments(r)
     add_split_arguments(r, run=True)
@@ -177,11 +178,11 @@ def _load_includes(args) -> None:
 
 
 def cmd_list(args=None) -> None:
-    from eebench.data.tasks import list_tasks
+    from eebench.data import list_tasks
     from eebench.exits.policies import POLICIES, get_policy
     from eebench.exits.signals import SIGNALS
     from eebench.model.backbone import HEADS, MODEL_ALIASES
-    from eebench.training.strategy import METHODS, list_methods
+    from eebench.strategy import METHODS, list_methods
 
     if args is not None:
         _load_includes(args)
@@ -241,7 +242,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from eebench.scale.executor import cmd_tune as tune
+    from eebench.scale.tune import cmd_tune as tune
 
     tune(args)
 

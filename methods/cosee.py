@@ -19,7 +19,7 @@ import torch
 from eebench.errors import EebenchError
 from eebench.exits.rule import exit_layers_from_scores
 from eebench.exits.signals import Signal, get_signal
-from eebench.training.strategy import StepContext, Strategy, add_preset, per_layer_ce, register_method
+from eebench.strategy import StepContext, Strategy, add_preset, per_layer_ce, register_method
 
 __all__ = ["swm_weights", "osc_loss", "cosee_loss", "Cosee"]
 

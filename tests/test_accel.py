@@ -81,9 +81,9 @@ def test_attention_saved_and_overridable_on_load(tmp_path):
 def _toy_trainer(toy_dir, toy_task, precision: str, seed: int = 7):
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.data import get_task, load_task, tokenize
     from eebench.model.backbone import MultiExitConfig, MultiExitModel
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
     from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 
     tok = AutoTokenizer.from_pretrained(toy_dir)

@@ -184,7 +184,7 @@ def test_recipes_are_listed_and_resolve(tmp_path, capsys):
 
 
 def test_cosee_warns_when_trained_for_one_epoch():
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
 
     assert "one epoch" in build_strategy("cosee").protocol_warnings(1)[0]
     assert build_strategy("cosee").protocol_warnings(3) == []

@@ -14,7 +14,7 @@ import torch
 
 from eebench.exits.policies import get_policy
 from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit, simulate_exits
-from eebench.inference.engine import EarlyExitEngine, one_pass_scores, pick_threshold
+from eebench.inference import EarlyExitEngine, one_pass_scores, pick_threshold
 from eebench.methods.berxit import LteExit, lte_loss, lte_targets, lte_targets_regression
 from eebench.methods.palbert import (
     LambdaLayer,
@@ -25,7 +25,7 @@ from eebench.methods.palbert import (
     q_exit_cdf,
 )
 from eebench.model.backbone import MultiExitModel
-from eebench.training.strategy import StepContext, build_strategy
+from eebench.strategy import StepContext, build_strategy
 from tests.conftest import padded_batch, tiny_model
 
 # ----------------------------------------------------------------------------- BERxiT (1f)
@@ -91,7 +91,7 @@ def test_berxit_alternate_gradients(method):
 def test_berxit_two_stage_keeps_backbone_and_final_head_in_stage_two(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.data import get_task, load_task, tokenize
     from eebench.model.backbone import MultiExitConfig
     from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 
@@ -179,7 +179,7 @@ def test_palbert_lambda_layer_parameter_count():
 def test_palbert_own_parameter_group_and_adam(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task
+    from eebench.data import get_task
     from eebench.model.backbone import MultiExitConfig
     from eebench.training.trainer import TrainConfig, Trainer
 
@@ -293,14 +293,14 @@ def test_per_step_freeze_in_the_trainer(tiny_backbone_dir, toy_task):
     """A method may freeze any named group per step: here the backbone learns on even steps only."""
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.data import get_task, load_task, tokenize
     from eebench.model.backbone import MultiExitConfig
-    from eebench.training.strategy import Strategy
+    from eebench.strategy import Strategy
     from eebench.training.trainer import TrainConfig, Trainer
 
     class EvenBackbone(Strategy):
         def loss(self, layer_logits, labels, ctx):
-            from eebench.training.strategy import per_layer_ce
+            from eebench.strategy import per_layer_ce
 
             return per_layer_ce(layer_logits, labels).mean(0).sum(), {}
 

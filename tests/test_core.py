@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
+from eebench.data.metrics import METRICS
 from eebench.errors import EebenchError, UnknownNameError
-from eebench.exits.metrics import METRICS, exit_counts, speedup_ratio
+from eebench.exits.metrics import exit_counts, speedup_ratio
 from eebench.exits.rule import (
     area_under_front,
     metric_at_speedup,
@@ -20,7 +21,7 @@ from eebench.exits.rule import (
     threshold_grid,
 )
 from eebench.exits.signals import get_signal, list_signals
-from eebench.inference.engine import early_exit
+from eebench.inference import early_exit
 from eebench.model.backbone import MultiExitModel
 from tests.conftest import TINY_CONFIGS, padded_batch, tiny_model
 

@@ -16,8 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 
-from eebench.data import tasks as data  # noqa: E402
-from eebench.data.tasks import (  # noqa: E402
+from eebench.data import (  # noqa: E402
     TaskSpec,
     check_trainable,
     data_fingerprint,
@@ -28,8 +27,9 @@ from eebench.data.tasks import (  # noqa: E402
     subset,
     tokenize,
 )
+from eebench.data import sources as data  # noqa: E402
+from eebench.data.metrics import METRICS, compute_metrics  # noqa: E402
 from eebench.errors import EebenchError, UnknownNameError  # noqa: E402
-from eebench.exits.metrics import METRICS, compute_metrics  # noqa: E402
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
 needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR is not set (point it at a GLUE download)")

@@ -104,7 +104,7 @@ def test_ray_flags_need_the_ray_executor(tiny_backbone_dir, toy_task, tmp_path, 
 
 
 def test_search_space_and_objective_parsing():
-    from eebench.scale.executor import Objective, objective_from_points, parse_objective, parse_space
+    from eebench.scale.tune import Objective, objective_from_points, parse_objective, parse_space
 
     space = parse_space(["lr=1e-5,2e-5", "cosee.alpha=0.01,0.1", "beta0=1,10", "batch=16"], {"alpha": 0.1, "beta0": 10.0},
                         "grid")
@@ -321,7 +321,8 @@ def test_tune_trial_that_raises_is_reported_and_the_others_finish(local_ray, tin
 def test_tune_trial_whose_worker_dies_is_retried_from_the_cell_checkpoint(local_ray, tiny_backbone_dir, toy_task,
                                                                          tmp_path, monkeypatch):
     from eebench.runs.runner import RunConfig
-    from eebench.scale.executor import RayOptions, tune
+    from eebench.scale.executor import RayOptions
+    from eebench.scale.tune import tune
 
     marker = tmp_path / "killed"
     monkeypatch.setenv("EEBENCH_TEST_KILL_AFTER_EPOCH", str(marker))  # the trial's worker dies once

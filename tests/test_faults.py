@@ -35,9 +35,9 @@ _TRAIN_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from transformers import AutoTokenizer
-from eebench.data.tasks import get_task, load_task, tokenize
+from eebench.data import get_task, load_task, tokenize
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
-from eebench.training.strategy import build_strategy
+from eebench.strategy import build_strategy
 from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 import safetensors.torch as st
 
@@ -73,7 +73,7 @@ Trainer(model, build_strategy("cosee"), cfg, tok, spec, out_dir={out!r}).train(t
 def toy(tiny_backbone_dir, toy_task):
     from transformers import AutoTokenizer
 
-    from eebench.data.tasks import get_task, load_task, tokenize
+    from eebench.data import get_task, load_task, tokenize
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
     spec = get_task(str(toy_task))
@@ -407,7 +407,7 @@ def test_second_run_on_one_folder_waits_for_the_cell(tmp_path, tiny_backbone_dir
 
 
 def test_csv_field_count_error_has_no_tsv_hint(tmp_path):
-    from eebench.data.tasks import load_task
+    from eebench.data import load_task
     from eebench.errors import EebenchError
 
     task = _bad_csv_task(tmp_path)
@@ -417,7 +417,7 @@ def test_csv_field_count_error_has_no_tsv_hint(tmp_path):
 
 
 def test_header_is_refused_for_jsonl(tmp_path):
-    from eebench.data.tasks import load_task
+    from eebench.data import load_task
     from eebench.errors import EebenchError
 
     d = tmp_path / "j"

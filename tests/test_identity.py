@@ -186,7 +186,7 @@ def test_legacy_result_json_still_reads_and_reports(tmp_path):
 
 def test_overrides_parse_by_type():
     from eebench.runs.runner import run_config_from
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
 
     cfg = run_config_from({}, None, ["cosee.swm=false", "cosee.osc=False", "cosee.num_thresholds=3",
                                      "group_by_length=false"])

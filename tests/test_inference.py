@@ -16,7 +16,7 @@ import torch
 from eebench.errors import EebenchError
 from eebench.exits.metrics import speedup_ratio
 from eebench.exits.rule import predictions_at_exit, simulate_exits
-from eebench.inference.engine import (
+from eebench.inference import (
     MODES,
     EarlyExitEngine,
     bench,

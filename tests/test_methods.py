@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from eebench.errors import EebenchError
 from eebench.methods.cosee import cosee_loss, osc_loss, swm_weights
-from eebench.training.strategy import StepContext, build_strategy, get_method, list_methods
+from eebench.strategy import StepContext, build_strategy, get_method, list_methods
 
 
 def test_registry_lists_methods_and_presets():

@@ -16,7 +16,7 @@ from eebench.runs.results import CellResult, SignalSweep
 def cell(method, seed, acc, *, task="toy", dev="d" * 64, **changes):
     """A finished cell whose energy sweep reaches ``acc`` at 2x and whose final layer scores ``acc``."""
     from eebench import MATHS_VERSION
-    from eebench.training.strategy import get_method
+    from eebench.strategy import get_method
 
     config = {"maths_version": MATHS_VERSION, "task": task, "model": "tiny", "method": method, "seed": seed,
               "method_params": dict(get_method(method).defaults), "epochs": 1, "lr": 1e-3, "head_lr": 1e-3,

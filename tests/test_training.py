@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eebench.data.tasks import get_task, load_task, tokenize
+from eebench.data import get_task, load_task, tokenize
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
-from eebench.training.strategy import build_strategy
+from eebench.strategy import build_strategy
 from eebench.training.trainer import TrainConfig, Trainer, collapsed_layers, collect_logits, seed_everything
 
 

@@ -104,7 +104,7 @@ def test_bad_plugin_and_bad_requests_are_one_line_exit_2(tmp_path, capsys):
 
 def test_typed_hyper_parameters():
     from eebench.errors import EebenchError
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
 
     assert build_strategy("cosee", {"swm": "false"}).hparams["swm"] is False
     assert build_strategy("cosee", {"swm": "True"}).hparams["swm"] is True

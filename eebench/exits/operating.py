@@ -42,8 +42,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from eebench.data.metrics import get_metric
 from eebench.errors import EebenchError
-from eebench.exits.metrics import get_metric, speedup_ratios
+from eebench.exits.metrics import speedup_ratios
 from eebench.exits.policies import ExitPolicy, get_policy
 from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit, threshold_grid
 from eebench.exits.signals import Signal

@@ -137,7 +137,7 @@ def method_policies(method: str | None, method_params: dict | None = None) -> di
     """The policies a method declares (``Strategy.policies``), by name; {} for none."""
     if not method:
         return {}
-    from eebench.training.strategy import build_strategy
+    from eebench.strategy import build_strategy
 
     return build_strategy(method, method_params).policies()
 
@@ -157,7 +157,7 @@ def get_policy(name: str | Signal | ExitPolicy, method: str | None = None, metho
     if isinstance(name, Signal):
         return SignalPolicy(name)
     if name not in SIGNALS and name not in POLICIES:  # methods (and plugins) may register signals
-        from eebench.training.strategy import _load_methods
+        from eebench.strategy import _load_methods
 
         _load_methods()
     if name in SIGNALS:
@@ -184,7 +184,7 @@ def policy_direction(name: str, method: str | None = None, method_params: dict |
 
 def check_policy_names(names: list[str]) -> None:
     """Every name must be a signal, a registered policy or some registered method's policy."""
-    from eebench.training.strategy import list_methods
+    from eebench.strategy import list_methods
 
     known = {*SIGNALS.names(), *POLICIES.names()}
     for spec in list_methods():

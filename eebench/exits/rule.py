@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eebench.data.metrics import get_metric
 from eebench.errors import EebenchError
 from eebench.exits.metrics import (
     difficulty_inversion_by_layer,
     exit_counts,
     exit_counts_by_label,
     exit_decision_rates,
-    get_metric,
     speedup_ratios,
 )
 from eebench.exits.policies import ExitPolicy, get_policy

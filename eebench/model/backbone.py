@@ -560,7 +560,7 @@ class MultiExitModel(nn.Module):
         cfg.attn_implementation = backbone.config._attn_implementation
         model = cls(backbone, cfg)
         if cfg.method:
-            from eebench.training.strategy import build_strategy
+            from eebench.strategy import build_strategy
 
             model.attach(build_strategy(cfg.method, cfg.method_params))
         missing, unexpected = model.load_state_dict(load_file(d / "model.safetensors", device=str(map_location)), strict=False)

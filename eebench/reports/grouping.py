@@ -96,7 +96,7 @@ def _reference(key: str, values: list[Any]) -> Any:
 
 
 def _method_defaults(method: str) -> dict[str, Any] | None:
-    from eebench.training.strategy import get_method
+    from eebench.strategy import get_method
 
     try:
         return dict(get_method(method).defaults)

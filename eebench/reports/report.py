@@ -352,7 +352,7 @@ def report_groups(results: list[CellResult]) -> list[tuple[str, list[CellResult]
 
 def _label_names(results: list[CellResult]) -> list[str] | None:
     try:
-        from eebench.data.tasks import get_task
+        from eebench.data import get_task
 
         spec = get_task(results[0].data.get("task_source", results[0].task))
         return list(spec.label_names) if spec.label_names else None

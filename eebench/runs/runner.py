@@ -142,10 +142,10 @@ def validate(cfg: RunConfig):
     """Check every setting before any work starts (exit code 2 with the accepted values), and
     create nothing: the output folder is only checked for being writable. ``Runner.prepare``
     then loads the data before the first file is written."""
-    from eebench.data.tasks import check_trainable, get_task
+    from eebench.data import check_trainable, get_task
     from eebench.model.accel import check_attn_implementation
     from eebench.plugins import load_include
-    from eebench.training.strategy import build_strategy, get_method
+    from eebench.strategy import build_strategy, get_method
 
     load_include(cfg.include)  # also in Ray workers, which rebuild the config from its dump
     spec = get_task(cfg.task)
@@ -307,7 +307,7 @@ class Runner:
     def raw_data(self):
         """Untokenised train / dev rows (the configured subsets) and their fingerprints, loaded once."""
         if self._raw is None:
-            from eebench.data.tasks import data_fingerprint, load_task, subset
+            from eebench.data import data_fingerprint, load_task, subset
 
             train_raw = load_task(self.cfg.task, self.spec.train_split, data_dir=self.cfg.data_dir)
             dev_raw = load_task(self.cfg.task, self.spec.eval_split, data_dir=self.cfg.data_dir)
@@ -329,7 +329,7 @@ class Runner:
         if self._data is None:
             from transformers import AutoTokenizer
 
-            from eebench.data.tasks import tokenize
+            from eebench.data import tokenize
 
             path, _ = resolve_model(self.cfg.model)
             try:
@@ -345,7 +345,7 @@ class Runner:
     def cells(self) -> list[tuple[str, int, dict, str]]:
         """(method, seed, identity, hash) of every cell; resolves the model and loads the data once."""
         if self._cells is None:
-            from eebench.training.strategy import build_strategy
+            from eebench.strategy import build_strategy
 
             model_settings = resolve_model_settings(self.cfg, self.spec.num_labels)
             info = self.raw_data()[2]
@@ -463,7 +463,7 @@ class Runner:
 
     def train_cell(self, method, seed, cc, h, d: Path, parent) -> CellResult:
         from eebench.model.accel import machine_info
-        from eebench.training.strategy import build_strategy
+        from eebench.strategy import build_strategy
         from eebench.training.trainer import TrainConfig, Trainer, has_checkpoint, seed_everything
 
         cfg = self.cfg
@@ -661,7 +661,7 @@ class Runner:
         against the fingerprint in its result."""
         from transformers import AutoTokenizer
 
-        from eebench.data.tasks import data_fingerprint, load_task, subset, tokenize
+        from eebench.data import data_fingerprint, load_task, subset, tokenize
 
         path, _ = resolve_model(result.config["model"])
         try:
@@ -678,8 +678,8 @@ class Runner:
 
     def confirm(self, d: Path, sw: Sweep, logits, signal: str, model, dev_ds, tok) -> list[dict]:
         """True layer-by-layer inference at a few thresholds must match the simulation."""
-        from eebench.data.tasks import make_loader
-        from eebench.inference.engine import early_exit
+        from eebench.data import make_loader
+        from eebench.inference import early_exit
 
         if model is None:
             model = MultiExitModel.load(d / "model")
@@ -845,7 +845,7 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
                 no_mlflow: bool = False) -> list[CellResult]:
     """``eebench sweep``: sweep saved cells with other signals, no retraining (from cached logits).
     A cell whose result cannot be read is named and skipped (an error if it is the only one)."""
-    from eebench.data.tasks import get_task
+    from eebench.data import get_task
     from eebench.runs.results import cell_dirs
 
     if num_thresholds < 1:

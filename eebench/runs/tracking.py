@@ -85,7 +85,7 @@ def cell_run_name(config: dict, settings: dict | None = None) -> str:
     hyper-parameter off its default, e.g. ``cosee-s42 lr=3e-05 alpha=0.01``."""
     from eebench.model.backbone import resolve_model
     from eebench.runs.config import RunConfig
-    from eebench.training.strategy import get_method
+    from eebench.strategy import get_method
 
     defaults = RunConfig()
     c = {**(settings or {}), **config}

@@ -1,2 +1,3 @@
-"""Training: the method contract (``Strategy``, phases, the method registry) and the trainer.
-Methods themselves live in ``methods/`` (shipped as ``eebench.methods``) and plugins."""
+"""Training: the trainer (optimiser phases, gradient accumulation, checkpoints, per-layer dev
+metrics). The method contract it drives (``Strategy``, phases, the method registry) is
+``eebench.strategy``, below the model; methods live in ``methods/`` (``eebench.methods``) and plugins."""

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eebench.data.metrics import compute_metrics
 from eebench.errors import EebenchError
-from eebench.exits.metrics import compute_metrics
 from eebench.model.accel import autocast, resolve_precision
 from eebench.model.backbone import MultiExitModel
-from eebench.training.strategy import Phase, StepContext, Strategy, set_trainable, trainable_mask
+from eebench.strategy import Phase, StepContext, Strategy, set_trainable, trainable_mask
 from eebench.util import atomic_write as _atomic
 from eebench.util import pick_device
 
@@ -88,7 +88,7 @@ def collect_outputs(model: MultiExitModel, tokenized, tokenizer, batch_size: int
                     policies=()) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``collect_logits`` plus, from the same pass, the values [N, M] of every policy in
     ``policies`` (bound exit policies that read the model's own modules), by name."""
-    from eebench.data.tasks import make_loader
+    from eebench.data import make_loader
 
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -185,7 +185,7 @@ class Trainer:
 
     # -- main loop --------------------------------------------------------------------------
     def train(self, train_ds, dev_ds, resume: bool = False) -> TrainResult:
-        from eebench.data.tasks import make_loader
+        from eebench.data import make_loader
 
         cfg, model = self.cfg, self.model
         accum = cfg.accumulation()
@@ -292,10 +292,10 @@ class Trainer:
         """Per-layer dev metrics; the logits, the method policies' values and the time of that
         forward pass are kept in ``last_dev`` = (logits, labels, seconds, scores) so that the
         caller need not run it again."""
-        from eebench.exits.policies import get_policy
-
         t0 = time.perf_counter()
-        pols = [get_policy(n, model=self.model) for n in self.strategy.policies()]
+        # The method's own policies, bound to the model: what ``get_policy(name, model=...)`` gives
+        # for them, built here so that training needs nothing from the exits layer above it.
+        pols = [cls().bind(self.model) for cls in self.strategy.policies().values()]
         logits, labels, scores = collect_outputs(self.model, dev_ds, self.tokenizer, self.cfg.eval_batch_size,
                                                  self.device, pols)
         self.last_dev = (logits, labels, time.perf_counter() - t0, scores)
