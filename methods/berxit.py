@@ -26,10 +26,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eebench.errors import EebenchError
-from eebench.exits.policies import ExitPolicy
-from eebench.exits.signals import RawEntropy  # noqa: F401 - BERxiT's entropy exit, shared by every cell
-from eebench.strategy import Phase, StepContext, Strategy, add_preset, per_layer_ce, register_method
+from eebench.api import (
+    EebenchError,
+    ExitPolicy,
+    Phase,
+    RawEntropy,  # noqa: F401 - BERxiT's entropy exit, shared by every cell
+    StepContext,
+    Strategy,
+    add_preset,
+    per_layer_ce,
+    register_method,
+)
 
 __all__ = ["lte_targets", "lte_targets_regression", "lte_loss", "LteHead", "LteExit", "RawEntropy", "Berxit"]
 

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from eebench.errors import EebenchError
-from eebench.exits.rule import exit_layers_from_scores
-from eebench.exits.signals import Signal, get_signal
-from eebench.strategy import StepContext, Strategy, add_preset, per_layer_ce, register_method
+from eebench.api import (
+    EebenchError,
+    Signal,
+    StepContext,
+    Strategy,
+    add_preset,
+    exit_layers_from_scores,
+    get_signal,
+    per_layer_ce,
+    register_method,
+)
 
 __all__ = ["swm_weights", "osc_loss", "cosee_loss", "Cosee"]
 

@@ -1,7 +1,7 @@
 """``final-only``: fine-tune the backbone with only the final classifier (the 1.00x reference row
 of every table; with ``--num-layers K`` the budget-exiting row, e.g. BERT-6L at 2.00x)."""
 
-from eebench.strategy import Phase, StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import Phase, StepContext, Strategy, per_layer_ce, register_method
 
 
 @register_method("final-only", "reference point: only the final classifier is trained (no early exits)")

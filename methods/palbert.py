@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eebench.exits.policies import ExitPolicy
-from eebench.strategy import Phase, StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import ExitPolicy, Phase, StepContext, Strategy, per_layer_ce, register_method
 
 __all__ = ["LambdaLayer", "exit_distribution", "geometric_prior", "kl_prior_to_p", "q_exit_cdf", "QExit", "Palbert"]
 

@@ -1,7 +1,7 @@
 """``two-stage`` (DeeBERT): fine-tune backbone + final classifier, then freeze them and train
 the internal classifiers. Each stage runs the configured number of epochs."""
 
-from eebench.strategy import Phase, StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import Phase, StepContext, Strategy, per_layer_ce, register_method
 
 
 @register_method("two-stage", "DeeBERT: backbone + final classifier first, then internal classifiers on a frozen backbone")

@@ -1,6 +1,6 @@
 """``vanilla``: L = sum_m CE_m (DeeBERT-style joint training, BERxiT's "all")."""
 
-from eebench.strategy import StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import StepContext, Strategy, per_layer_ce, register_method
 
 
 @register_method("vanilla", "sum of per-layer cross-entropy (conventional joint training)")

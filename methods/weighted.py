@@ -2,7 +2,7 @@
 
 import torch
 
-from eebench.strategy import StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import StepContext, Strategy, per_layer_ce, register_method
 
 
 @register_method("weighted", "depth-weighted cross-entropy, deeper exits weigh more (PABEE)")

@@ -103,8 +103,7 @@ def test_bad_plugin_and_bad_requests_are_one_line_exit_2(tmp_path, capsys):
 
 
 def test_typed_hyper_parameters():
-    from eebench.errors import EebenchError
-    from eebench.strategy import build_strategy
+    from eebench.api import EebenchError, build_strategy
 
     assert build_strategy("cosee", {"swm": "false"}).hparams["swm"] is False
     assert build_strategy("cosee", {"swm": "True"}).hparams["swm"] is True
@@ -113,3 +112,19 @@ def test_typed_hyper_parameters():
     for bad in ({"swm": "maybe"}, {"alpha": "x"}, {"num_thresholds": 2.5}, {"swm": 3}):
         with pytest.raises(EebenchError, match="is not"):
             build_strategy("cosee", bad)
+
+
+def test_plugins_import_eebench_api_only():
+    """The documented plugin and every shipped method file import eebench through ``eebench.api``
+    only, so that moving a module inside the package never breaks a plugin; and every name they
+    import from it is there."""
+    import eebench.api as api
+
+    sources = {"docs/writing-a-method.md": "\n".join(_code_blocks())}
+    sources |= {str(f.relative_to(ROOT)): f.read_text() for f in sorted((ROOT / "methods").glob("*.py"))}
+    for where, text in sources.items():
+        for m in re.finditer(r"^\s*(?:from (eebench[\w.]*) import ([^\n(]+|\([^)]*\))|import (eebench[\w.]*))", text, re.M):
+            module = m.group(1) or m.group(3)
+            assert module == "eebench.api", f"{where} imports {module}; plugins import from eebench.api"
+            for name in re.findall(r"\w+", re.sub(r"#[^\n]*", "", m.group(2) or "")):
+                assert name in api.__all__, f"{where} imports {name!r}, which eebench.api does not export"
