@@ -316,3 +316,30 @@ def test_resume_inside_stage_two_is_bit_exact(toy, tmp_path, monkeypatch):  # no
     assert res.resumed_from_step == 8 and strategy.stage == 1
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_run_list_mlflow_and_report(tmp_path, tiny_backbone_dir, capsys):
+    import mlflow
+
+    from eebench.cli import main
+    from tests.conftest import write_toy_task
+
+    task = write_toy_task(tmp_path / "toy")
+    out = tmp_path / "runs"
+    assert main(["run", "--task", str(task), "--model", str(tiny_backbone_dir), "--epochs", "1", "--batch-size", "16",
+                 "--lr", "3e-3", "--pooling", "mean", "--num-thresholds", "20", "--output", str(out), "--seeds", "1",
+                 "--methods", "disentangled", "--signals", "patience,energy", "disentangled.stage2_lr=0.01"]) == 0
+    assert "early-exit check: 0 mismatches" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    assert "disentangled " in capsys.readouterr().out
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eebench-toy"], output_format="pandas")
+    child = runs[runs["tags.mlflow.parentRunId"].notna()].iloc[0]
+    assert child["params.method"] == "disentangled" and child["params.method_params.stage2_lr"] == "0.01"
+    assert child["params.method_params.ln_init"] == "code"
+    assert main(["report", "--results", str(out), "--out", str(tmp_path / "rep")]) == 0
+    for table in ("main_2x.md", "layers.md"):
+        assert "| disentangled" in (tmp_path / "rep" / "toy" / table).read_text(), table
