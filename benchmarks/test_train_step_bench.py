@@ -68,3 +68,56 @@ def test_train_step_ratios(benchmark, minilm):
     if ASSERT_LIMITS:  # a noisy shared machine must not fail CI; the ratios are reported either way
         assert r_cosee <= 1.05
         assert r_multi <= 1.10
+
+
+@needs_glue
+def test_disentangled_train_step_vs_vanilla(benchmark, minilm):
+    """DisentangledEE's training step in each stage (stage 1: backbone + final ETF head, final CE;
+    stage 2: adapters + ETF BatchNorms only, (M-i)-weighted CE) against vanilla's on the same real
+    SST-2 batch of 32; interleaved rounds, medians reported (no limit asserted)."""
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
+    from eebench.strategy import set_trainable
+
+    _, tok = minilm
+    rows = sst2_rows("train", 32)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    vanilla = build_strategy("vanilla")
+    runs = {"vanilla": (MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train(), vanilla, 0)}
+    for stage in (0, 1):
+        model = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2))
+        strategy = build_strategy("disentangled")
+        model.attach(strategy)
+        set_trainable(model, strategy.phases()[stage].trainable)
+        runs[f"disentangled-stage{stage + 1}"] = (model.train(), strategy, stage)
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-5, eps=1e-8, weight_decay=0.0)
+            for k, (m, _, _) in runs.items()}
+
+    def step(kind):
+        model, strategy, phase = runs[kind]
+        loss, _ = strategy.compute_loss(model(**inputs), labels, StepContext(step=10, total_steps=100, epoch=0, phase=phase))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
+
+    times = {k: [] for k in runs}
+    order = list(runs)
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.append(order.pop(0))
+
+    for kind in runs:  # warm-up
+        step(kind)
+    benchmark.pedantic(one_round, rounds=10, warmup_rounds=0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: med[k] / med["vanilla"] for k in med if k != "vanilla"}
+    benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()})
+    benchmark.extra_info.update({f"{k}_over_vanilla": r for k, r in ratios.items()})
+    print("\nmedian step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()) + "; "
+          + ", ".join(f"{k}/vanilla {r:.3f}" for k, r in ratios.items()))

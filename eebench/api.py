@@ -13,7 +13,17 @@ from eebench.exits.metrics import speedup_ratio
 from eebench.exits.policies import POLICIES, ExitPolicy, SignalPolicy, get_policy, register_policy
 from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit
 from eebench.exits.signals import SIGNALS, RawEntropy, Signal, get_signal
-from eebench.model.backbone import HEADS, ExitOutput, HeadKind, LayerStepper, MultiExitModel, register_head
+from eebench.model.backbone import (
+    HEADS,
+    BertLikeAdapter,
+    EncoderAdapter,
+    ExitOutput,
+    ExitRoute,
+    HeadKind,
+    LayerStepper,
+    MultiExitModel,
+    register_head,
+)
 from eebench.strategy import (
     METHODS,
     Phase,
@@ -36,6 +46,8 @@ __all__ = [
     "build_strategy", "get_method", "list_methods",
     # the model a method sees
     "ExitOutput", "LayerStepper", "MultiExitModel",
+    # a method's own path through a layer to its exit, and the encoder adapters it builds on
+    "ExitRoute", "EncoderAdapter", "BertLikeAdapter",
     # exit heads
     "HEADS", "HeadKind", "register_head",
     # signals and exit policies

@@ -38,7 +38,7 @@ from eebench.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from eebench.exits.policies import ExitPolicy
-    from eebench.model.backbone import ExitOutput, MultiExitModel
+    from eebench.model.backbone import ExitOutput, ExitRoute, MultiExitModel
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,9 @@ class Phase:
     epochs_factor: int = 1
     optimizer: str = "adamw"
     schedule: str = "linear"
+    #: One learning rate for every parameter that learns in this phase (DisentangledEE's stage 2
+    #: trains its adapters at 8e-3); None: the run's rates and the groups' own.
+    lr: float | None = None
 
 
 @dataclass
@@ -230,6 +233,18 @@ class Strategy:
         """Named groups beyond the built-in ones: ``{"name": {"prefixes": [...], "lr": float}}``
         (``lr`` optional: a group without one learns at the run's rate)."""
         return {}
+
+    def route(self, model: MultiExitModel) -> ExitRoute | None:
+        """The method's own path through the layers to its exits (``eebench.models.ExitRoute``),
+        used in every mode (training, one pass, true early exit); None: the model's usual layers
+        and exit heads. Called by ``MultiExitModel.attach`` after ``modules``."""
+        return None
+
+    def on_phase_start(self, index: int, phase: Phase) -> None:
+        """Called when phase ``index`` starts from its first step (not when a run resumes inside
+        it: the checkpoint already holds what this did), after its freezes, before its optimiser
+        is built. ``self.model`` is the model (DisentangledEE initialises its adapter LayerNorms
+        from the fine-tuned layers here)."""
 
     def trainable_now(self, ctx: StepContext) -> Collection[str] | None:
         """Groups that learn at this step (a per-step freeze), or None for the phase's."""

@@ -321,12 +321,18 @@ class ExitHeads(nn.Module):
         """(pooled [N, H], features [N, H], logits [N, C]) of exit ``layer`` (0-based) from its
         token states: ``pooled`` before dropout, ``features`` what the classifier sees (after
         dropout in training; the same tensor as ``pooled`` in eval)."""
+        x = self.pooled_vector(layer, hidden, attention_mask)
+        f = self.dropout(x) if self.training else x
+        return x, f, self.classifiers[layer](f)
+
+    def pooled_vector(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Exit ``layer``'s token pooling and transform (if any) of ``hidden`` [N, L, H] -> [N, H],
+        before dropout and the classifier (an ``ExitRoute`` reuses the cell's pooling)."""
         x = pool(hidden, attention_mask, self._tokens[layer])
         t = self._transforms[layer]
         if t is not None:
             x = torch.tanh(t(x))
-        f = self.dropout(x) if self.training else x
-        return x, f, self.classifiers[layer](f)
+        return x
 
     def forward(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of exit ``layer`` (0-based) from that layer's token states."""
@@ -377,26 +383,56 @@ class ExitOutput:
         return self.logits.shape
 
 
+class ExitRoute:
+    """A method's own way through a layer to its exit (``Strategy.route``), for methods whose
+    exits read more than the layer's output (DisentangledEE's adapters read the attention output
+    and the FFN output inside each layer).
+
+    It replaces the stepper's ``layer`` and ``head`` in every mode: training, the one-pass
+    forward and true early exit at any batch size. The stepper promises that ``exit(i, ...)`` is
+    called right after ``layer(i, ...)`` on the same rows, so ``layer`` may keep what it saw
+    inside the layer for ``exit``. The route holds no parameters of its own: they live in
+    ``model.extras`` (saved and restored with the model), the backbone and the heads.
+    """
+
+    #: How many exits (the model's layers); subclasses set it.
+    num_exits: int = 0
+
+    def layer(self, i: int, hidden: torch.Tensor, state: dict) -> torch.Tensor:
+        """Token states after 0-based layer ``i`` (the next layer's input)."""
+        raise NotImplementedError
+
+    def exit(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None):
+        """(pooled [n, H], features [n, H], logits [n, C]) of exit ``i``, as ``ExitHeads.exit``."""
+        raise NotImplementedError
+
+    def eval_fns(self) -> list[HeadFn]:
+        """Inference functions per exit, ``(hidden, mask) -> (features, logits)``; the default
+        runs ``exit`` (the engine runs in eval mode under ``torch.inference_mode``)."""
+        return [lambda h, m, i=i: self.exit(i, h, m)[1:] for i in range(self.num_exits)]
+
+
 class LayerStepper:
     """embed -> layer i -> exit head i: the one implementation that every mode drives.
 
     ``run`` is the one-pass forward (training, evaluation, simulation); the inference engine
     calls ``embed`` / ``layer`` / ``head`` layer by layer (batch size 1, batched, streaming).
     ``head`` is the module path (dropout in training); ``eval_heads`` the precomputed inference
-    functions with the same operations.
+    functions with the same operations. A method's ``ExitRoute`` replaces ``layer`` and ``head``.
     """
 
-    def __init__(self, model: MultiExitModel):
+    def __init__(self, model: MultiExitModel, route: ExitRoute | None = None):
         self.adapter = model.adapter
         self.heads = model.heads
+        self.route = route
         self.num_layers = model.num_layers
         self.embed = self.adapter.embed
-        self.layer = self.adapter.call_layer
-        self.head = self.heads.exit
+        self.layer = self.adapter.call_layer if route is None else route.layer
+        self.head = self.heads.exit if route is None else route.exit
         self.restate = self.adapter.restate
 
     def eval_heads(self) -> list[HeadFn]:
-        return self.heads.eval_fns()
+        return self.heads.eval_fns() if self.route is None else self.route.eval_fns()
 
     def run(self, input_ids, attention_mask, token_type_ids=None, hidden_states: bool = False) -> ExitOutput:
         hidden, state = self.embed(input_ids, attention_mask, token_type_ids)
@@ -491,6 +527,9 @@ class MultiExitModel(nn.Module):
         if mods:
             self.config.method = strategy.name
             self.config.method_params = {k: v for k, v in strategy.hparams.items()}
+        route = strategy.route(self)
+        if route is not None:  # the method's own path through the layers to its exits
+            self.stepper = LayerStepper(self, route)
 
     # -- construction -------------------------------------------------------------------
     @classmethod

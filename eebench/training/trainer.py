@@ -171,6 +171,9 @@ class Trainer:
             *({"params": own[g], "lr": extra[g].get("lr") or self.cfg.lr} for g in extra),
         ) if g["params"]]
         phase = phase or Phase("joint")
+        if phase.lr is not None:  # one rate for the whole phase
+            for g in groups:
+                g["lr"] = phase.lr
         if phase.optimizer == "adamw":
             return torch.optim.AdamW(groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
         if phase.optimizer == "adam":
@@ -209,6 +212,8 @@ class Trainer:
         extra_groups = self.strategy.param_groups()
         for pi in range(state["phase"], len(phases)):
             set_trainable(model, phases[pi].trainable, extra_groups)
+            if not (doc is not None and pi == state["phase"]):  # resumed inside it: already done
+                self.strategy.on_phase_start(pi, phases[pi])
             phase_mask = {n: p.requires_grad for n, p in model.named_parameters()}
             opt = self._optimizer(phases[pi])
             phase_steps = steps_per_epoch * phase_epochs[pi]
