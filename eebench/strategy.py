@@ -11,7 +11,10 @@ The contract a method implements (every hook but ``loss`` / ``compute_loss`` has
   parameter-name prefixes);
 * ``phases()``: training stages, each with the groups that learn, an epoch count, its optimiser
   and schedule; ``trainable_now(ctx)`` can change the learning groups per step;
-* ``policies()``: its own exit policies (``eebench.policies``) by name.
+* ``policies()``: its own exit policies (``eebench.policies``) by name;
+* ``batch_copies(ctx)``: train on k copies of every row (dropout noise apart); ``ctx.rows`` gives
+  the rows' positions in the training set;
+* ``on_phase_start(phase, trainer, train_ds)``: a look at the training set when a phase begins.
 
 Groups every model has: ``backbone``, ``internal`` (internal exit heads), ``final`` (the final
 head and the shared pooler), ``extras`` (every method module) and ``extras.<name>``.
@@ -196,6 +199,12 @@ class StepContext:
     phase: int = 0
     micro: int = 0  # micro-batch index within the epoch, 0-based (BERxiT's parity counter)
     extra: dict = field(default_factory=dict)
+    #: The batch's rows as positions in the training set, [n] (repeated like the rows when the
+    #: method asks for copies, ``Strategy.batch_copies``); None outside the trainer.
+    rows: torch.Tensor | None = None
+    #: How many copies of each row the pass holds (``Strategy.batch_copies``), each row's copies
+    #: adjacent (``repeat_interleave``).
+    copies: int = 1
 
 
 class Strategy:
@@ -238,6 +247,18 @@ class Strategy:
     def policies(self) -> dict[str, type[ExitPolicy]]:
         """The method's own exit policies by name (they read ``model.extras``)."""
         return {}
+
+    def batch_copies(self, ctx: StepContext) -> int:
+        """How many copies of every row this step's forward pass holds (default 1). With k > 1 the
+        trainer repeats each row k times (copies adjacent) before the pass, so the copies differ
+        only by dropout noise (ConsistentEE's REINFORCE baseline over K rollouts); the loss is
+        still weighted as one micro-batch of the original size."""
+        return 1
+
+    def on_phase_start(self, phase: int, trainer, train_ds) -> None:
+        """Called when a phase starts from its beginning (not when a checkpoint resumes inside
+        it), before its first step: a method may evaluate the model on the training set here
+        (``trainer.collect(train_ds)``) and keep what it needs in its ``state_dict``."""
 
     def compute_loss(self, out: ExitOutput, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """The training loss of one pass; the default is ``loss`` on the logits."""
