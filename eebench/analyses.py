@@ -427,11 +427,24 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
         metric = _metric(cells)
         grid, curves = _signal_curves(cells, metric)
         signals = list(curves)
+        # fixed operating points (one point per model): the points themselves, drawn as markers
+        fixed = {s: [(c.sweeps[s].points[0]["speedup"], c.sweeps[s].points[0][metric]) for c in cells if s in c.sweeps]
+                 for s in signals if any(s in c.sweeps and is_fixed(c.sweeps[s]) for c in cells)}
         for s, (mean, std, n) in curves.items():
+            if s in fixed:
+                xs, ys = np.array(fixed[s]).T
+                frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": [xs.mean()], "metric_mean": [ys.mean()],
+                                            "metric_std": [ys.std(ddof=1) if len(ys) > 1 else 0.0], "n": [len(ys)]}))
+                continue
             frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": grid, "metric_mean": mean,
                                         "metric_std": std, "n": n}))
-        same_as = _identical_fronts(cells, metric)
+        same_as = {k: v for k, v in _identical_fronts(cells, metric).items() if k not in fixed and v not in fixed}
         for i, (s, colour) in enumerate(zip(signals, _colours(len(signals)), strict=True)):
+            if s in fixed:
+                xs, ys = np.array(fixed[s]).T
+                ax.plot(xs, 100 * ys, linestyle="none", marker="*", markersize=10, color=colour,
+                        label=f"{s} (fixed operating point)")
+                continue
             mean, std, n = curves[s]
             name = s + (f" (identical to {same_as[s]})" if s in same_as else "")
             ax.plot(grid, 100 * mean, linestyle=styles[i % 4], marker=markers[i % 4], markevery=max(len(grid) // 8, 1),

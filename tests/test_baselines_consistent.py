@@ -395,7 +395,7 @@ def test_cli_run_list_mlflow_and_reports_show_a_point(consistent_run, tmp_path, 
     assert "consistentee" in listed and "pi-exit" in listed and "fixed operating point" in listed
     client = MlflowClient(tracking_uri=f"sqlite:///{consistent_run}/mlflow.db")
     run = client.get_run(cee.mlflow_run_id)
-    assert "'copies': 2" in run.data.params["method_params"] and "'reward': 'ce'" in run.data.params["method_params"]
+    assert run.data.params["method_params.copies"] == "2" and run.data.params["method_params.reward"] == "ce"
     # the plots: the fixed point is drawn as markers only (no line), the others as curves
     drawn = []
     real_plot = matplotlib.axes.Axes.plot
