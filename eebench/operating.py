@@ -478,12 +478,22 @@ def sweep_summary(logits: torch.Tensor, labels, signal: str | Signal | ExitPolic
     threshold chosen on calibration for >= x), ``..._std``, ``heldout_speedup_at_<x>x`` (the
     speed-up actually reached on evaluation); with ``guarantee`` also ``guaranteed_<metric>``,
     ``guaranteed_speedup``, ``guaranteed_risk`` (evaluation risk against the final layer) and
-    ``guaranteed_violation_rate``. None where no repeat reached the target."""
+    ``guaranteed_violation_rate``. None where no repeat reached the target. A policy with a
+    fixed operating point has ``heldout_<metric>`` (+ ``_std``), ``heldout_speedup`` and, per
+    target, ``heldout_met_<x>x`` (the fraction of splits where its point reached x) instead."""
     targets = [Target(speedup=float(x)) for x in speedups] + ([guarantee] if guarantee else [])
     ops = held_out_many(logits, labels, signal, targets, split, metric, num_thresholds, scale, scores)
     out: dict[str, float | None] = {}
     for x, op in zip(speedups, ops, strict=False):
         s = op.summary()
+        if op.fixed:
+            # A fixed operating point is the same point for every target: its figures once, and
+            # per target the fraction of splits in which it reached it (no "metric at Xx").
+            out[f"heldout_{metric}"] = s["metric"]
+            out[f"heldout_{metric}_std"] = s["metric_std"]
+            out["heldout_speedup"] = s["speedup"]
+            out[f"heldout_met_{x:g}x"] = s["met_target"] / s["repeats"] if s["repeats"] else None
+            continue
         out[f"heldout_{metric}_at_{x:g}x"] = s["metric"]
         out[f"heldout_{metric}_at_{x:g}x_std"] = s["metric_std"]
         out[f"heldout_speedup_at_{x:g}x"] = s["speedup"]

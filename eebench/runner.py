@@ -613,6 +613,7 @@ class Runner:
             if getattr(pol, "fixed_threshold", None) is not None:
                 # one point per model (a router): reports read this key to draw / print it as a point
                 summary["fixed_threshold"] = float(pol.fixed_threshold)
+                summary["auc"] = None  # one point has no front to integrate
             if trains_exits:
                 from eebench.operating import sweep_summary
 

@@ -355,6 +355,13 @@ def test_fixed_policy_held_out_scores_its_one_point_and_says_if_the_target_is_me
         # the evaluation figures are the fixed point's own (hand-computed from the exits)
         for r in op.repeats:
             assert 1.0 < r["eval_speedup"] < 2.0
+    # the stored summary: the point's figures once, and per target how often it was met (no "at 2x")
+    from eebench.operating import sweep_summary
+
+    summ, _ = sweep_summary(logits, labels, pol, [1.1, 2.0], split, scores=scores)
+    assert not any("_at_" in k for k in summ)
+    assert summ["heldout_met_1.1x"] == 1.0 and summ["heldout_met_2x"] == 0.0
+    assert 1.0 < summ["heldout_speedup"] < 2.0 and summ["heldout_accuracy"] is not None
     thr, cal, ev, choice = pick_threshold_held_out(logits, labels, pol, Target(speedup=3.0), scores=scores)
     assert thr == 0.5 and choice["fixed"] and choice["met_target"] is False
     # a signal keeps its old behaviour: an unreachable target is refused
