@@ -121,3 +121,65 @@ def test_disentangled_train_step_vs_vanilla(benchmark, minilm):
     benchmark.extra_info.update({f"{k}_over_vanilla": r for k, r in ratios.items()})
     print("\nmedian step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()) + "; "
           + ", ".join(f"{k}/vanilla {r:.3f}" for k, r in ratios.items()))
+
+
+@needs_glue
+def test_consistentee_train_step_vs_vanilla(benchmark, minilm):
+    """ConsistentEE's step in each of its phases against vanilla's on the same SST-2 batch of 32
+    (MiniLM-L6, CPU): warm-up (PABEE-weighted CE, one copy), policy (REINFORCE on K = 8 copies,
+    only the policy networks learn) and joint (K = 8 copies, everything learns). The copies are
+    made as the trainer makes them (``Strategy.batch_copies``)."""
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
+    from eebench.strategy import set_trainable
+
+    _, tok = minilm
+    rows = sst2_rows("train", 32)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    vanilla, cee = build_strategy("vanilla"), build_strategy("consistentee")
+    k = int(cee.hparams["copies"])
+    models = {"vanilla": MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()}
+    strategies = {}
+    for phase in ("warmup", "policy", "joint"):
+        models[phase] = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()
+        strategies[phase] = build_strategy("consistentee")
+        models[phase].attach(strategies[phase])
+    groups = cee.param_groups()
+    for ph in cee.phases():
+        set_trainable(models[ph.name], ph.trainable, groups)
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-5) for n, m in models.items()}
+
+    def step(kind):
+        model = models[kind]
+        if kind == "vanilla":
+            loss, _ = vanilla.compute_loss(model(**inputs), labels, StepContext(step=10, total_steps=100, epoch=0))
+        else:
+            phase = ["warmup", "policy", "joint"].index(kind)
+            c = 1 if phase == 0 else k
+            ctx = StepContext(step=10, total_steps=100, epoch=0, phase=phase, copies=c)
+            rep = {n: v.repeat_interleave(c, 0) for n, v in inputs.items()}
+            loss, _ = strategies[kind].compute_loss(model(**rep), labels.repeat_interleave(c, 0), ctx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
+
+    times = {n: [] for n in models}
+    order = list(models)
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.append(order.pop(0))
+
+    for kind in times:  # warm-up
+        step(kind)
+    benchmark.pedantic(one_round, rounds=5, warmup_rounds=0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    ratios = {f"consistentee_{n}_over_vanilla": med[n] / med["vanilla"] for n in ("warmup", "policy", "joint")}
+    benchmark.extra_info.update({f"median_{n}_s": v for n, v in med.items()} | ratios)
+    print("\nmedian step (s): " + ", ".join(f"{n} {v:.3f}" for n, v in med.items()) + "; "
+          + ", ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))

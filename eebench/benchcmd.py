@@ -70,8 +70,16 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
         operating = {"target": target.describe(), "split": split.describe(), "threshold": thr,
                      "calibration_rows": len(cal), "evaluation_rows": len(ev),
                      **{k: choice[k] for k in ("cal_speedup", "cal_metric", "cal_risk")}}
-        print(f"threshold {thr:.6g} chosen on {len(cal)} calibration inputs ({target.describe()}; "
-              f"calibration speed-up {choice['cal_speedup']:.3f}x); benching the {len(ev)} evaluation inputs")
+        if choice.get("fixed"):
+            operating["fixed_point"] = True
+            operating["met_target"] = choice.get("met_target")
+            print(f"exit policy {signal} has a fixed operating point (threshold {thr:.6g}), nothing is chosen: "
+                  f"calibration speed-up {choice['cal_speedup']:.3f}x"
+                  + ("" if choice.get("met_target") in (None, True) else f", below the target ({target.describe()})")
+                  + f"; benching the {len(ev)} evaluation inputs")
+        else:
+            print(f"threshold {thr:.6g} chosen on {len(cal)} calibration inputs ({target.describe()}; "
+                  f"calibration speed-up {choice['cal_speedup']:.3f}x); benching the {len(ev)} evaluation inputs")
     if samples:
         dev = dev.select(range(min(samples, len(dev))))
     tokenized = tokenize(dev, tok, spec, int(result.config.get("max_seq_length", 128)))
@@ -82,6 +90,10 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
                 target_speedup=target_speedup if thresholds is None else None,
                 batch_size=batch_size, repeats=repeats, threads=threads, precision=precision)
     out["signal"] = signal
+    from eebench.exits.policies import fixed_threshold
+
+    if fixed_threshold(cell_policy(result, signal)) is not None:
+        out["fixed_operating_point"] = True  # one operating point: --target-speedup does not move it
     if operating is not None:
         out["operating_point"] = operating
         for r in out["runs"]:

@@ -11,7 +11,11 @@ The contract a method implements (every hook but ``loss`` / ``compute_loss`` has
   parameter-name prefixes);
 * ``phases()``: training stages, each with the groups that learn, an epoch count, its optimiser
   and schedule; ``trainable_now(ctx)`` can change the learning groups per step;
-* ``policies()``: its own exit policies (``eebench.exits.policies``) by name.
+* ``policies()``: its own exit policies (``eebench.exits.policies``) by name;
+* ``batch_copies(ctx)``: train on k copies of every row (dropout noise apart); ``ctx.rows`` gives
+  the rows' positions in the training set;
+* ``on_phase_start(index, phase, trainer, train_ds)``: when a phase begins (initialise a module,
+  look at the training set).
 
 Groups every model has: ``backbone``, ``internal`` (internal exit heads), ``final`` (the final
 head and the shared pooler), ``extras`` (every method module) and ``extras.<name>``.
@@ -199,6 +203,12 @@ class StepContext:
     phase: int = 0
     micro: int = 0  # micro-batch index within the epoch, 0-based (BERxiT's parity counter)
     extra: dict = field(default_factory=dict)
+    #: The batch's rows as positions in the training set, [n] (repeated like the rows when the
+    #: method asks for copies, ``Strategy.batch_copies``); None outside the trainer.
+    rows: torch.Tensor | None = None
+    #: How many copies of each row the pass holds (``Strategy.batch_copies``), each row's copies
+    #: adjacent (``repeat_interleave``).
+    copies: int = 1
 
 
 class Strategy:
@@ -240,12 +250,6 @@ class Strategy:
         and exit heads. Called by ``MultiExitModel.attach`` after ``modules``."""
         return None
 
-    def on_phase_start(self, index: int, phase: Phase) -> None:
-        """Called when phase ``index`` starts from its first step (not when a run resumes inside
-        it: the checkpoint already holds what this did), after its freezes, before its optimiser
-        is built. ``self.model`` is the model (DisentangledEE initialises its adapter LayerNorms
-        from the fine-tuned layers here)."""
-
     def trainable_now(self, ctx: StepContext) -> Collection[str] | None:
         """Groups that learn at this step (a per-step freeze), or None for the phase's."""
         return None
@@ -253,6 +257,21 @@ class Strategy:
     def policies(self) -> dict[str, type[ExitPolicy]]:
         """The method's own exit policies by name (they read ``model.extras``)."""
         return {}
+
+    def batch_copies(self, ctx: StepContext) -> int:
+        """How many copies of every row this step's forward pass holds (default 1). With k > 1 the
+        trainer repeats each row k times (copies adjacent) before the pass, so the copies differ
+        only by dropout noise (ConsistentEE's REINFORCE baseline over K rollouts); the loss is
+        still weighted as one micro-batch of the original size."""
+        return 1
+
+    def on_phase_start(self, index: int, phase: Phase, trainer, train_ds) -> None:
+        """Called when phase ``index`` starts from its beginning (not when a checkpoint resumes
+        inside it: the checkpoint holds what this did), after its freezes and optimiser, before
+        its first step. ``self.model`` is the model: a method may initialise its modules in place
+        (DisentangledEE's adapter LayerNorms) or evaluate the model on the training set
+        (``trainer.collect(train_ds)``, ConsistentEE's memorised layers) and keep what it needs
+        in its ``state_dict``."""
 
     def compute_loss(self, out: ExitOutput, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """The training loss of one pass; the default is ``loss`` on the logits."""

@@ -61,8 +61,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.errors import EebenchError
-from eebench.api import BertLikeAdapter, ExitRoute, Phase, StepContext, Strategy, per_layer_ce, register_method
+from eebench.api import (
+    BertLikeAdapter,
+    EebenchError,
+    ExitRoute,
+    Phase,
+    StepContext,
+    Strategy,
+    per_layer_ce,
+    register_method,
+)
 
 __all__ = ["etf_matrix", "EtfHead", "ParallelAdapter", "DisentangledRoute", "stage2_weights", "dot_regression",
            "Disentangled"]
@@ -215,7 +223,7 @@ class Disentangled(Strategy):
                 Phase("stage2-adapters", trainable=["extras.adapters", "extras.etf"],
                       epochs_factor=int(self.hparams["stage2_epochs_factor"]), lr=float(self.hparams["stage2_lr"]))]
 
-    def on_phase_start(self, index: int, phase: Phase) -> None:
+    def on_phase_start(self, index: int, phase: Phase, trainer, train_ds) -> None:
         self.stage = index
         if index == 1:
             init_adapter_norms(self.model, self.hparams["ln_init"])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from eebench.errors import EebenchError
+from eebench.exits.policies import get_policy
 from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit
 from eebench.inference import EarlyExitEngine, one_pass_scores, pick_threshold
 from eebench.methods.disentangled import (
@@ -25,7 +26,6 @@ from eebench.methods.disentangled import (
     stage2_weights,
 )
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
-from eebench.exits.policies import get_policy
 from eebench.strategy import StepContext, build_strategy
 from eebench.training.trainer import TrainConfig, Trainer, seed_everything
 from tests.conftest import padded_batch, tiny_model
@@ -276,9 +276,9 @@ def test_adapter_layernorm_init_at_stage_two(toy):  # noqa: F811
             lay.output.LayerNorm.weight.uniform_(0.5, 1.5)
             lay.output.LayerNorm.bias.uniform_(-1, 1)
     phases = strategy.phases()
-    strategy.on_phase_start(0, phases[0])
+    strategy.on_phase_start(0, phases[0], None, None)
     assert all(torch.equal(ad.ln.weight, torch.ones_like(ad.ln.weight)) for ad in model.extras["adapters"])
-    strategy.on_phase_start(1, phases[1])
+    strategy.on_phase_start(1, phases[1], None, None)
     layers, ads = model.backbone.encoder.layer, model.extras["adapters"]
     for i, ad in enumerate(ads):
         assert torch.equal(ad.ln.weight, layers[i].output.LayerNorm.weight)

@@ -201,6 +201,8 @@ class Candidates:
     thresholds: torch.Tensor  # [T] float64; index 0 lets no one exit
     exit_layers: torch.Tensor  # [T, N]
     preds: torch.Tensor  # [T, N]
+    #: Index of the policy's fixed operating point (``ExitPolicy.fixed_threshold``), else None.
+    fixed: int | None = None
 
 
 def candidates(logits: torch.Tensor, scores: torch.Tensor, sig: Signal, cal: np.ndarray,
@@ -214,7 +216,9 @@ def candidates(logits: torch.Tensor, scores: torch.Tensor, sig: Signal, cal: np.
     # Exits when score < tau: a larger tau lets more leave; when score > tau: a smaller one does.
     grid = grid.sort(descending=sig.higher_is_easier).values
     el = exit_layers_from_scores(scores, sig, grid)
-    return Candidates(grid, el, predictions_at_exit(logits, el))
+    fixed = getattr(sig, "fixed_threshold", None)
+    # A fixed operating point: the grid is [no one exits, the fixed point] (threshold_grid).
+    return Candidates(grid, el, predictions_at_exit(logits, el), None if fixed is None else 1)
 
 
 def _risk_losses(c: Candidates, final_pred: torch.Tensor, labels: torch.Tensor, risk: Risk) -> torch.Tensor:
@@ -231,16 +235,24 @@ def choose(c: Candidates, idx: np.ndarray, labels: torch.Tensor, final_pred: tor
     """Pick one candidate using the examples ``idx`` only.
 
     Returns ``{"index", "threshold", "reached", "cal_speedup", "cal_metric", "cal_risk",
-    "certified"}``; ``reached`` is False (and ``index`` None) when no threshold meets a speed-up
-    target on these examples. Ties: higher metric, then faster, then the earlier (more
-    conservative) candidate."""
+    "certified", "fixed", "met_target"}``; ``reached`` is False (and ``index`` None) when no
+    threshold meets a speed-up target on these examples. Ties: higher metric, then faster, then
+    the earlier (more conservative) candidate.
+
+    A policy with a fixed operating point (``c.fixed``) has nothing to choose for a speed-up
+    target: its one point is returned (``fixed`` True) and ``met_target`` says whether it reaches
+    the target on these examples; it is never replaced by another point. Drop and guarantee
+    targets choose between it and "no one exits", as for any grid."""
     ix = torch.as_tensor(idx)
     m = num_layers or int(c.exit_layers.max())
     el = c.exit_layers[:, ix]
     speed = speedup_ratios(el, m) * scale  # [T]
     score = get_metric(metric).batched(c.preds[:, ix], labels[ix]).double()  # [T]
-    out = {"certified": None, "cal_risk": None}
-    if target.kind == "speedup":
+    out = {"certified": None, "cal_risk": None, "fixed": c.fixed is not None, "met_target": None}
+    if target.kind == "speedup" and c.fixed is not None:
+        i = c.fixed
+        out["met_target"] = bool(speed[i] >= target.speedup - 1e-9)
+    elif target.kind == "speedup":
         ok = speed >= target.speedup - 1e-9
         if not bool(ok.any()):
             return {**out, "index": None, "threshold": None, "reached": False, "cal_speedup": float(speed.max()),
@@ -290,6 +302,11 @@ class OperatingPoint:
     metric: str
     repeats: list[dict] = field(default_factory=list)  # threshold(s), eval metric / speed-up / risk, ...
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the policy has a fixed operating point (its one point is scored, not chosen)."""
+        return any(r.get("fixed") for r in self.repeats)
+
     def _vals(self, key: str) -> list[float]:
         return [r[key] for r in self.repeats if r.get(key) is not None and not math.isnan(r[key])]
 
@@ -310,6 +327,11 @@ class OperatingPoint:
         out = {"metric": self.mean("eval_metric"), "metric_std": self.std("eval_metric"),
                "speedup": self.mean("eval_speedup"), "speedup_std": self.std("eval_speedup"),
                "reached": float(self.reached), "repeats": float(len(self.repeats))}
+        if self.fixed:
+            # a fixed operating point: scored whatever the target; how many repeats met it
+            out["fixed_point"] = 1.0
+            if self.target.get("speedup") is not None:
+                out["met_target"] = float(sum(1 for r in self.repeats if r.get("met_target")))
         if self.target.get("epsilon") is not None:
             out["risk"] = self.mean("eval_risk")
             out["violation_rate"] = self.mean("violated")
@@ -373,6 +395,8 @@ def _score_split(cands, logits, labels, final_pred, target: Target, metric: str,
     rec = {"reached": all(p["reached"] for p in picks), "thresholds": [p["threshold"] for p in picks],
            "cal_speedup": float(np.mean([p["cal_speedup"] for p in picks])),
            "cal_metric": None, "eval_metric": None, "eval_speedup": None}
+    if picks and picks[0]["fixed"]:
+        rec["fixed"] = True
     if not rec["reached"]:
         return rec
     ev = torch.as_tensor(np.nonzero(scored)[0])
@@ -380,6 +404,9 @@ def _score_split(cands, logits, labels, final_pred, target: Target, metric: str,
     rec["eval_metric"] = float(get_metric(metric)(pred[ev].numpy(), labels[ev].numpy()))
     rec["eval_speedup"] = float(speedup_ratios(el[ev], m)) * scale
     rec["n_eval"] = int(len(ev))
+    if rec.get("fixed") and target.kind == "speedup":
+        # whether the fixed point reaches the target where it is scored (never pretended)
+        rec["met_target"] = bool(rec["eval_speedup"] >= target.speedup - 1e-9)
     if target.kind == "guarantee":
         if target.risk == "disagreement":
             lost = pred[ev] != final_pred[ev]
@@ -407,6 +434,7 @@ def pick_threshold_held_out(logits: torch.Tensor, labels, signal: str | Signal |
     ((cal, ev),) = dev_splits(labels, split)[0]
     c = candidates(logits, scores, sig, cal, num_thresholds)
     ch = choose(c, cal, labels, logits[:, -1].argmax(-1), target, metric, logits.shape[1])
+    # A fixed operating point is always "reached": its own speed-up, met_target says the rest.
     if not ch["reached"]:
         raise EebenchError(f"no threshold of signal {sig.name} reaches {target.describe()} on the calibration part "
                            f"(fastest: {ch['cal_speedup']:.2f}x); choose a lower target")
@@ -451,12 +479,22 @@ def sweep_summary(logits: torch.Tensor, labels, signal: str | Signal | ExitPolic
     threshold chosen on calibration for >= x), ``..._std``, ``heldout_speedup_at_<x>x`` (the
     speed-up actually reached on evaluation); with ``guarantee`` also ``guaranteed_<metric>``,
     ``guaranteed_speedup``, ``guaranteed_risk`` (evaluation risk against the final layer) and
-    ``guaranteed_violation_rate``. None where no repeat reached the target."""
+    ``guaranteed_violation_rate``. None where no repeat reached the target. A policy with a
+    fixed operating point has ``heldout_<metric>`` (+ ``_std``), ``heldout_speedup`` and, per
+    target, ``heldout_met_<x>x`` (the fraction of splits where its point reached x) instead."""
     targets = [Target(speedup=float(x)) for x in speedups] + ([guarantee] if guarantee else [])
     ops = held_out_many(logits, labels, signal, targets, split, metric, num_thresholds, scale, scores)
     out: dict[str, float | None] = {}
     for x, op in zip(speedups, ops, strict=False):
         s = op.summary()
+        if op.fixed:
+            # A fixed operating point is the same point for every target: its figures once, and
+            # per target the fraction of splits in which it reached it (no "metric at Xx").
+            out[f"heldout_{metric}"] = s["metric"]
+            out[f"heldout_{metric}_std"] = s["metric_std"]
+            out["heldout_speedup"] = s["speedup"]
+            out[f"heldout_met_{x:g}x"] = s["met_target"] / s["repeats"] if s["repeats"] else None
+            continue
         out[f"heldout_{metric}_at_{x:g}x"] = s["metric"]
         out[f"heldout_{metric}_at_{x:g}x_std"] = s["metric_std"]
         out[f"heldout_speedup_at_{x:g}x"] = s["speedup"]

@@ -49,6 +49,12 @@ class ExitPolicy:
     #: Whether the values depend on the method's own modules (then they are cached with the dev
     #: logits, since logits alone cannot reproduce them).
     uses_model: bool = False
+    #: A fixed operating point: the one threshold this rule is defined with (a router such as
+    #: ConsistentEE's "policy probability > 0.5"), or None for a tunable rule. A policy with one
+    #: yields one (speed-up, metric) point per model: sweeps store that point only, held-out
+    #: operating points and ``eebench bench`` use it whatever the target (and say whether it is
+    #: met), and reports draw it as a marker and print its own speed-up, never a curve.
+    fixed_threshold: float | None = None
 
     def __init__(self) -> None:
         self.model: MultiExitModel | None = None
@@ -81,6 +87,8 @@ class ExitPolicy:
 
     def rule(self) -> str:
         op = (">" if self.strict else ">=") if self.higher_is_easier else ("<" if self.strict else "<=")
+        if self.fixed_threshold is not None:
+            return f"exits when value {op} {self.fixed_threshold:g} (fixed operating point)"
         return f"exits when value {op} tau"
 
     def __repr__(self) -> str:
@@ -175,6 +183,11 @@ def get_policy(name: str | Signal | ExitPolicy, method: str | None = None, metho
                 f"{', '.join(available_policies(method, method_params))}")
         pol = own[name]()
     return pol.bind(model) if model is not None else pol
+
+
+def fixed_threshold(policy) -> float | None:
+    """The fixed threshold of a policy or signal (``ExitPolicy.fixed_threshold``); None if tunable."""
+    return getattr(policy, "fixed_threshold", None)
 
 
 def policy_direction(name: str, method: str | None = None, method_params: dict | None = None) -> ExitPolicy:

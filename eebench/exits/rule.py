@@ -69,9 +69,13 @@ def threshold_grid(scores: torch.Tensor, signal: Signal | ExitPolicy, n: int = 1
 
     Continuous signals: quantiles of the observed values (so that points spread evenly over exit
     behaviour, not over raw values), widened just past both ends so that "nobody exits early"
-    and "everybody exits at layer 1" are in the grid. Patience: every integer 1..M-1.
+    and "everybody exits at layer 1" are in the grid. Patience: every integer 1..M-1. A policy
+    with a fixed operating point (``ExitPolicy.fixed_threshold``): that threshold only.
     """
     m = scores.shape[-1]
+    fixed = getattr(signal, "fixed_threshold", None)
+    if fixed is not None:
+        return torch.tensor([float(fixed)], dtype=torch.float64)
     if signal.integer:
         return torch.arange(1, max(m, 2), dtype=torch.float64)
     vals = scores[:, : m - 1].reshape(-1).double()

@@ -65,12 +65,19 @@ def pick_threshold(layer_logits: torch.Tensor, signal: str | Signal | ExitPolicy
                    tolerance: float = 0.02, scores: torch.Tensor | None = None) -> ThresholdChoice:
     """The threshold whose simulated layer speed-up on ``layer_logits`` [N, M, C] is closest to
     ``target_speedup``; among those within ``tolerance`` (relative) of the closest, the one
-    farthest from any observed value. Candidates sit midway between observed values.
+    farthest from any observed value. Candidates sit midway between observed values. A policy
+    with a fixed operating point returns that threshold and the speed-up it reaches.
     ``scores`` [N, M]: the policy's values when they do not come from the logits alone."""
     sig = get_policy(signal)
     if scores is None:
         scores = sig.scores(layer_logits)
     m = scores.shape[-1]
+    fixed = getattr(sig, "fixed_threshold", None)
+    if fixed is not None:  # nothing to choose: the one operating point, at whatever speed-up it reaches
+        el = exit_layers_from_scores(scores, sig, [fixed])
+        inner = scores[:, : m - 1].double()
+        margin = float((inner - fixed).abs().min()) if inner.numel() else float("inf")
+        return ThresholdChoice(float(fixed), float(speedup_ratios(el, m)[0]), margin)
     if sig.integer:
         cands = torch.arange(1, max(m, 2), dtype=torch.float64)
         margins = torch.full_like(cands, 0.5)

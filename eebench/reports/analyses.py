@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eebench.runs.plots import fixed_note, is_fixed
 from eebench.runs.results import CellResult
 
 Group = tuple[str, list[CellResult]]
@@ -426,11 +427,24 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
         metric = _metric(cells)
         grid, curves = _signal_curves(cells, metric)
         signals = list(curves)
+        # fixed operating points (one point per model): the points themselves, drawn as markers
+        fixed = {s: [(c.sweeps[s].points[0]["speedup"], c.sweeps[s].points[0][metric]) for c in cells if s in c.sweeps]
+                 for s in signals if any(s in c.sweeps and is_fixed(c.sweeps[s]) for c in cells)}
         for s, (mean, std, n) in curves.items():
+            if s in fixed:
+                xs, ys = np.array(fixed[s]).T
+                frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": [xs.mean()], "metric_mean": [ys.mean()],
+                                            "metric_std": [ys.std(ddof=1) if len(ys) > 1 else 0.0], "n": [len(ys)]}))
+                continue
             frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": grid, "metric_mean": mean,
                                         "metric_std": std, "n": n}))
-        same_as = _identical_fronts(cells, metric)
+        same_as = {k: v for k, v in _identical_fronts(cells, metric).items() if k not in fixed and v not in fixed}
         for i, (s, colour) in enumerate(zip(signals, _colours(len(signals)), strict=True)):
+            if s in fixed:
+                xs, ys = np.array(fixed[s]).T
+                ax.plot(xs, 100 * ys, linestyle="none", marker="*", markersize=10, color=colour,
+                        label=f"{s} (fixed operating point)")
+                continue
             mean, std, n = curves[s]
             name = s + (f" (identical to {same_as[s]})" if s in same_as else "")
             ax.plot(grid, 100 * mean, linestyle=styles[i % 4], marker=markers[i % 4], markevery=max(len(grid) // 8, 1),
@@ -467,19 +481,23 @@ def cross_task_table(groups_by_task: dict[str, Sequence[Group]], signal: str = "
     for task, groups in groups_by_task.items():
         for label, cells in groups:
             ref = not _trains_exits(cells)
-            s = signal if not ref else next(iter(cells[0].sweeps), None)
-            cs = [c for c in cells if s is not None and s in c.sweeps]
-            if not cs:
-                continue
-            vals, sps = zip(*(pick(c, s, 0.0 if ref else speedup) for c in cs), strict=True)
-            m, sd, n = _mean_std(vals)
-            sp, _, _ = _mean_std(sps)
-            row = label if ref else f"{label} / {signal}"
-            if row not in data:
-                data[row] = {}
-                order.append(row)
-            data[row][task] = ("n/a" if n == 0 else f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else "")
-                               + f" ({sp:.2f}x, n={n})")
+            # a method whose exit is a fixed operating point (a router) also gets a row with it
+            own = sorted({k for c in cells for k, sw in c.sweeps.items() if is_fixed(sw) and k != signal}) if not ref else []
+            for s in ([signal] if not ref else [next(iter(cells[0].sweeps), None)]) + own:
+                cs = [c for c in cells if s is not None and s in c.sweeps]
+                if not cs:
+                    continue
+                fixed = not ref and is_fixed(cs[0].sweeps[s])
+                vals, sps = zip(*(pick(c, s, 0.0 if ref else speedup) for c in cs), strict=True)
+                m, sd, n = _mean_std(vals)
+                sp, _, _ = _mean_std(sps)
+                row = label if ref else f"{label} / {s}"
+                if row not in data:
+                    data[row] = {}
+                    order.append(row)
+                reached = fixed_note(sp, speedup) if fixed else f"{sp:.2f}x"
+                data[row][task] = ("n/a" if n == 0 else f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else "")
+                                   + f" ({reached}, n={n})")
     df = pd.DataFrame.from_dict(data, orient="index").reindex(order)
     df = df[list(groups_by_task)] if not df.empty else df
     df.index.name = f"config \\ task (dev metric x100 at >= {speedup:g}x; reached speed-up, seeds)"
@@ -487,9 +505,14 @@ def cross_task_table(groups_by_task: dict[str, Sequence[Group]], signal: str = "
 
 
 def oracle_point(cell: CellResult, signal: str, target: float) -> tuple[float, float]:
-    """The best swept point at or above ``target`` (metric, its speed-up); NaN if none reaches it."""
+    """The best swept point at or above ``target`` (metric, its speed-up); NaN if none reaches it.
+    A fixed operating point (one point per model) returns that point whatever its speed-up: the
+    tables print that speed-up beside it and mark it (``report.fixed_note``)."""
     metric = cell.config["main_metric"]
-    ok = [p for p in cell.sweeps[signal].points if p["speedup"] >= target - 1e-9]
+    sw = cell.sweeps[signal]
+    if sw.summary.get("fixed_threshold") is not None and len(sw.points) == 1:
+        return sw.points[0][metric], sw.points[0]["speedup"]  # a fixed operating point: its one point
+    ok = [p for p in sw.points if p["speedup"] >= target - 1e-9]
     if not ok:
         return float("nan"), float("nan")
     best = max(ok, key=lambda p: (p[metric], p["speedup"]))

@@ -14,9 +14,12 @@ from eebench.exits.operating import SplitSpec, Target
 from eebench.exits.rule import metric_at_speedup
 from eebench.reports.grouping import group_cells  # noqa: F401 - re-exported
 from eebench.runs.plots import (  # noqa: F401 - re-exported: the report's plots and sweep tables
+    FIXED_POINT_MATCH,
     _front,
     _method_order,  # noqa: F401 - re-exported
+    fixed_note,
     full_model_point,
+    is_fixed,
     plot_pareto,
     seed_summary,
     staircase,
@@ -41,6 +44,16 @@ def _mean_std(xs: list[float]) -> str:
 
 def _at(sw: SignalSweep, metric: str, target: float) -> float:
     return metric_at_speedup([p["speedup"] for p in sw.points], [p[metric] for p in sw.points], target)
+
+
+def _fixed_cells(points: list[tuple[float, float]], target: float) -> str:
+    """Mean ± std (x100, n) of fixed-point metrics, with their mean speed-up and the note."""
+    pts = [(v, s) for v, s in points if not (math.isnan(v) or math.isnan(s))]
+    if not pts:
+        return "n/a"
+    head = _mean_std([v for v, _ in pts])
+    sp = sum(s for _, s in pts) / len(pts)
+    return f"{head} [{fixed_note(sp, target)}]"
 
 
 class HeldOut:
@@ -76,16 +89,24 @@ class HeldOut:
         if r.cell_id in self.logits:
             from safetensors.torch import load_file
 
-            from eebench.exits.operating import held_out
-
             cached = load_file(self.logits[r.cell_id])
             scale = r.model.get("backbone_layers", 1) / r.model.get("num_layers", 1)
             # the grid size the run used, so that recomputed and stored held-out points agree
             grid = int(sw.heldout.get("num_thresholds", self.num_thresholds))
-            op = held_out(cached["logits"], cached["labels"], signal, target, self.split, metric, grid, scale)
+            from eebench.exits.operating import held_out_many
+            from eebench.runs.runner import cell_policy
+
+            # a method's own policy (values cached beside the logits) as well as a signal
+            op = held_out_many(cached["logits"], cached["labels"], cell_policy(r, signal), [target], self.split,
+                               metric, grid, scale, cached.get(f"score.{signal}"))[0]
             s = op.summary()
             if s["metric"] is not None:
                 out = (op.reached, s["metric"], s["metric_std"], s["speedup"])
+        elif target.kind == "speedup" and sw.heldout.get("split") == asdict(self.split) and is_fixed(sw):
+            mean = sw.summary.get(f"heldout_{metric}")  # a fixed point: the same for every target
+            if mean is not None:
+                out = (self.split.repeats, mean, sw.summary.get(f"heldout_{metric}_std") or 0.0,
+                       sw.summary.get("heldout_speedup"))
         elif target.kind == "speedup" and sw.heldout.get("split") == asdict(self.split):
             mean = sw.summary.get(f"heldout_{metric}_at_{target.speedup:g}x")
             if mean is not None:
@@ -102,9 +123,10 @@ class HeldOut:
         return (got[1], got[3]) if got is not None else (float("nan"), float("nan"))
 
 
-def _pooled(parts: list) -> str:
+def _pooled(parts: list, fixed_target: float | None = None) -> str:
     """Mean ± std over the pooled splits of several cells (exact from each cell's n, mean, std),
-    and the mean speed-up reached on evaluation."""
+    and the mean speed-up reached on evaluation; ``fixed_target``: the cells are a fixed
+    operating point, marked as such against that target speed-up (``fixed_note``)."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return "n/a"
@@ -113,6 +135,8 @@ def _pooled(parts: list) -> str:
     ss = sum((p[0] - 1) * p[2] ** 2 + p[0] * (p[1] - m) ** 2 for p in parts)
     sd = (ss / (n - 1)) ** 0.5 if n > 1 else 0.0
     sp = sum(p[0] * p[3] for p in parts) / n
+    if fixed_target is not None:
+        return f"{100 * m:.1f} ± {100 * sd:.1f} ({fixed_note(sp, fixed_target)})"
     return f"{100 * m:.1f} ± {100 * sd:.1f} ({sp:.2f}x)"
 
 
@@ -133,14 +157,21 @@ def main_table(results: list[CellResult], speedup: float, operating: HeldOut | N
     with their number. Else held out: the threshold for ``target`` (default: ``speedup``) is chosen
     on calibration and scored on evaluation (mean ± std over seeds x splits, speed-up reached)."""
     cells: dict[tuple[str, str], list] = {}
+    fixed: set[tuple[str, str]] = set()  # fixed operating points: their own speed-up, marked
     labels = []
+    tgt = target or Target(speedup=speedup)
     for g in group_cells(results):
         labels.append(g.label)
         for r in g.cells:
             metric = r.config["main_metric"]
             for s, sw in r.sweeps.items():
+                if is_fixed(sw) and r.method != "final-only":
+                    fixed.add((g.label, s))
                 if operating is not None:
-                    cells.setdefault((g.label, s), []).append(operating.cell(r, s, target or Target(speedup=speedup)))
+                    cells.setdefault((g.label, s), []).append(operating.cell(r, s, tgt))
+                    continue
+                if (g.label, s) in fixed:  # its one point, whatever its speed-up
+                    cells.setdefault((g.label, s), []).append((sw.points[0][metric], sw.points[0]["speedup"]))
                     continue
                 t = speedup if r.method != "final-only" else 0.0
                 cells.setdefault((g.label, s), []).append(_at(sw, metric, t))
@@ -148,8 +179,16 @@ def main_table(results: list[CellResult], speedup: float, operating: HeldOut | N
         raise EebenchError("no sweeps in these results; run `eebench run` or `eebench sweep` first")
     rows = [lbl for lbl in labels if any(k[0] == lbl for k in cells)]
     signals = sorted({k[1] for k in cells})
-    fmt = _mean_std if operating is None else _pooled
-    df = pd.DataFrame({s: [fmt(cells.get((m, s), [])) for m in rows] for s in signals}, index=rows)
+    # the target a fixed point is compared with: the speed-up target (other targets: the matched one)
+    ft = tgt.speedup if tgt.kind == "speedup" else speedup
+
+    def fmt(key) -> str:
+        vals = cells.get(key, [])
+        if key in fixed:
+            return _fixed_cells(vals, speedup) if operating is None else _pooled(vals, ft)
+        return _mean_std(vals) if operating is None else _pooled(vals)
+
+    df = pd.DataFrame({s: [fmt((m, s)) for m in rows] for s in signals}, index=rows)
     df.index.name = "method \\ exit signal"
     return df
 

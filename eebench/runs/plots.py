@@ -14,6 +14,22 @@ def _method_order(m: str) -> tuple[int, str]:
     order = ["final-only", "two-stage", "vanilla", "weighted", "cosee-no-swm", "cosee-no-osc", "cosee"]
     return (order.index(m) if m in order else len(order), m)
 
+#: A fixed operating point within this relative distance of the target speed-up counts as matched.
+FIXED_POINT_MATCH = 0.05
+
+
+def is_fixed(sw: SignalSweep) -> bool:
+    """Whether a sweep is of a policy with a fixed operating point (one point per model; the
+    runner records its threshold as the summary key ``fixed_threshold``)."""
+    return sw.summary.get("fixed_threshold") is not None
+
+
+def fixed_note(speedup: float, target: float) -> str:
+    """How a table marks a fixed operating point: its own speed-up, and when it is farther than
+    ``FIXED_POINT_MATCH`` from the target, that the target was not matched (never interpolated)."""
+    far = abs(speedup - target) > FIXED_POINT_MATCH * target
+    return f"{speedup:.2f}x fixed point" + (f", not {target:g}x" if far else "")
+
 
 def sweep_frame(sw: SignalSweep, digits: int = 4) -> pd.DataFrame:
     """One row per threshold, readable: the metric columns first, then speed-up, threshold,
@@ -75,7 +91,8 @@ def full_model_point(sw: SignalSweep, metric: str) -> float | None:
 def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy",
                 bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
     """One staircase per label (its Pareto front, drawn as the step function the summaries read),
-    metric against speed-up, with the full model (1.0x) marked; ``bands`` optionally shades a
+    metric against speed-up, with the full model (1.0x) marked; a fixed operating point
+    (``is_fixed``: one point per model) is drawn as markers only; ``bands`` optionally shades a
     (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
     import matplotlib
 
@@ -96,26 +113,28 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
     ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
     full_marked = False
     for label, sw in curves.items():
-        xs, ys = _front(sw, metric)
+        fixed = is_fixed(sw)
+        # a fixed operating point: every point (one per model / seed) as a marker, never a line
+        xs, ys = ([p["speedup"] for p in sw.points], [p[metric] for p in sw.points]) if fixed else _front(sw, metric)
         if not xs:
             continue
         p = parts[label]
         colour = colours[signals.index(p[1] if len(p) > 1 else p[0]) % len(colours)]
         style = styles[methods.index(p[0]) % len(styles)]
         width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
-        if len(xs) == 1:
+        if fixed or len(xs) == 1:
             ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", color=colour, label=label)
         else:
             sx, sy = staircase(xs, ys)
             ax.plot(sx, sy, linestyle=style, linewidth=width, color=colour, label=label)
             ax.plot(xs, ys, marker="o", markersize=2.5, linestyle="none", color=colour)
-        if bands and label in bands:
+        if bands and label in bands and not fixed:
             bx, lo, hi = bands[label]
             if len(bx) > 1:  # the same staircase as the curve: flat from 1.0x to the first point
                 start = [min(1.0, bx[0])]
                 ax.fill_between(start + list(bx), lo[:1] + list(lo), hi[:1] + list(hi), step="pre", color=colour,
                                 alpha=0.12, linewidth=0)
-        full = full_model_point(sw, metric)
+        full = None if fixed else full_model_point(sw, metric)
         if full is not None:
             ax.plot([1.0], [full], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black",
                     linestyle="none", label=None if full_marked else "full model (1.0x)")

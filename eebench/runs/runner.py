@@ -610,6 +610,10 @@ class Runner:
             if trains_exits and self.cfg.confirm_thresholds:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
             summary, heldout = summarize(sw, scale), {}
+            if getattr(pol, "fixed_threshold", None) is not None:
+                # one point per model (a router): reports read this key to draw / print it as a point
+                summary["fixed_threshold"] = float(pol.fixed_threshold)
+                summary["auc"] = None  # one point has no front to integrate
             if trains_exits:
                 from eebench.exits.operating import sweep_summary
 

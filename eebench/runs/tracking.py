@@ -343,7 +343,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             from eebench.exits.rule import mean_front
-            from eebench.runs.plots import _front, full_model_point, plot_pareto, seed_summary
+            from eebench.runs.plots import _front, full_model_point, is_fixed, plot_pareto, seed_summary
             from eebench.runs.results import SignalSweep
 
             ts = _now_ms()
@@ -362,12 +362,16 @@ class Tracker:
                     curves, bands = {}, {}
                     for m in table["method"]:
                         sws = [r.sweeps[signal] for r in results if r.method == m and signal in r.sweeps]
+                        label = f"{m} ({len(sws)} seed{'s' if len(sws) > 1 else ''})"
+                        if all(is_fixed(sw) for sw in sws):  # one point per seed: markers, no mean curve
+                            curves[label] = SignalSweep(signal=signal, points=[p for sw in sws for p in sw.points],
+                                                        summary={"fixed_threshold": sws[0].summary["fixed_threshold"]})
+                            continue
                         xs, mean, lo, hi = mean_front([_front(sw, metric) for sw in sws])
                         points = [{"speedup": x, metric: y, "pareto": True} for x, y in zip(xs, mean, strict=True)]
                         fulls = [full_model_point(sw, metric) for sw in sws]
                         if fulls and all(f is not None for f in fulls):
                             points.append({"speedup": 1.0, metric: sum(fulls) / len(fulls), "pareto": False})
-                        label = f"{m} ({len(sws)} seed{'s' if len(sws) > 1 else ''})"
                         curves[label] = SignalSweep(signal=signal, points=points, summary={})
                         bands[label] = (xs, lo, hi)
                     png = Path(tmp) / f"pareto_{signal}.png"

@@ -212,8 +212,6 @@ class Trainer:
         extra_groups = self.strategy.param_groups()
         for pi in range(state["phase"], len(phases)):
             set_trainable(model, phases[pi].trainable, extra_groups)
-            if not (doc is not None and pi == state["phase"]):  # resumed inside it: already done
-                self.strategy.on_phase_start(pi, phases[pi])
             phase_mask = {n: p.requires_grad for n, p in model.named_parameters()}
             opt = self._optimizer(phases[pi])
             phase_steps = steps_per_epoch * phase_epochs[pi]
@@ -228,6 +226,8 @@ class Trainer:
             if doc is not None and pi == state["phase"]:
                 self._load_checkpoint(ckpt, opt, sched)
             first_epoch = state["epoch"] if pi == state["phase"] else 0
+            if first_epoch == 0 and not (pi == state["phase"] and state["micro"]):
+                self.strategy.on_phase_start(pi, phases[pi], self, train_ds)
             for epoch in range(first_epoch, phase_epochs[pi]):
                 skip = state["micro"] if (pi == state["phase"] and epoch == state["epoch"]) else 0
                 model.train()
@@ -239,13 +239,21 @@ class Trainer:
                 for micro, batch in enumerate(loader):
                     if micro < skip:
                         continue
-                    ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi, micro=micro)
+                    ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi, micro=micro,
+                                      rows=batch.get("index"))
                     now = self.strategy.trainable_now(ctx)
                     if now is not None or step_mask is not None:
                         step_mask = self._step_freeze(now, phase_mask, extra_groups)
+                    inputs, labels = _model_inputs(batch, self.device), batch["labels"].to(self.device)
+                    k = int(self.strategy.batch_copies(ctx))
+                    if k > 1:  # copies of each row, adjacent; they differ only by dropout noise
+                        inputs = {n: v.repeat_interleave(k, 0) for n, v in inputs.items()}
+                        labels = labels.repeat_interleave(k, 0)
+                        ctx.copies = k
+                        ctx.rows = None if ctx.rows is None else ctx.rows.repeat_interleave(k, 0)
                     with self._autocast():
-                        out = model(**_model_inputs(batch, self.device), hidden_states=self.strategy.needs_hidden_states)
-                    loss, logs = self.strategy.compute_loss(out, batch["labels"].to(self.device), ctx)
+                        out = model(**inputs, hidden_states=self.strategy.needs_hidden_states)
+                    loss, logs = self.strategy.compute_loss(out, labels, ctx)
                     loss = loss * (len(batch["labels"]) / mb) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     bar.update(1)
@@ -292,6 +300,11 @@ class Trainer:
             if p.requires_grad != mask[n]:
                 p.requires_grad_(mask[n])
         return None if now is None else mask
+
+    def collect(self, ds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, M, C] of every exit and labels [N] of ``ds`` in eval mode (rows in the
+        dataset's order; the model's train / eval mode is restored)."""
+        return collect_logits(self.model, ds, self.tokenizer, self.cfg.eval_batch_size, self.device)
 
     def evaluate(self, dev_ds) -> list[dict]:
         """Per-layer dev metrics; the logits, the method policies' values and the time of that
