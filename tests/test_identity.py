@@ -125,6 +125,34 @@ def test_new_threshold_grid_is_swept_again(tmp_path, toy_task, tiny_backbone_dir
     assert r.sweeps["energy"].num_thresholds == 30 and len(r.sweeps["energy"].points) > 10
 
 
+def test_committed_cell_without_weights_is_reused_and_swept_from_its_logits(tmp_path, toy_task, tiny_backbone_dir,
+                                                                              capsys, monkeypatch):
+    """results/study commits result.json + cell_config.json + dev_logits, never model/: a run on
+    such a folder skips the cell and sweeps a new signal from the cached logits (no true early-exit
+    check without the model, said in one note), with the same points as a cell that has its model."""
+    import shutil
+
+    import eebench.training.trainer as tr
+
+    out = tmp_path / "runs"
+    assert main(_args(toy_task, tiny_backbone_dir, out)) == 0
+    (cell,) = [p.parent for p in out.rglob("result.json")]
+    full = tmp_path / "full"
+    shutil.copytree(out, full)
+    shutil.rmtree(cell / "model")
+    monkeypatch.setattr(tr.Trainer, "train", lambda *a, **k: pytest.fail("trained again"))
+    capsys.readouterr()
+    for folder in (out, full):
+        args = _args(toy_task, tiny_backbone_dir, folder)
+        args[args.index("--signals") + 1] = "energy,entropy"
+        assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "sweeping entropy" in text and text.count("has no saved model") == 1
+    (bare,), (whole,) = find_results(out), find_results(full)
+    assert bare.sweeps["entropy"].points == whole.sweeps["entropy"].points
+    assert bare.sweeps["entropy"].confirm == [] and whole.sweeps["entropy"].confirm
+
+
 def test_exit_check_mismatch_is_loud(tmp_path, toy_task, tiny_backbone_dir, capsys, monkeypatch):
     import mlflow
 

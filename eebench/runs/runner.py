@@ -588,6 +588,13 @@ class Runner:
         scale = result.model["backbone_layers"] / result.model["num_layers"]
         metrics = tuple([self.spec.main_metric] + [m for m in self.spec.metrics if m != self.spec.main_metric])
         trains_exits = result.model.get("trains_exits", result.method != "final-only")
+        # A committed cell (result.json + cached logits, no weights: results/study) is swept from
+        # its logits alone; only the true early-exit check needs the model.
+        can_confirm = model is not None or (d / "model" / "eebench_config.json").exists()
+        if trains_exits and self.cfg.confirm_thresholds and not can_confirm:
+            print(f"note: [{result.method} seed {result.seed}] {d.name} has no saved model (weights are not "
+                  f"committed): {', '.join(signals)} swept from the cached dev logits, true early exit not "
+                  "re-checked for them", flush=True)
         for s in signals:
             pol = cell_policy(result, s)
             cached_scores = cached.get(f"score.{s}")
@@ -607,7 +614,7 @@ class Runner:
                 p["layer_speedup"] = p["speedup"]
                 p["speedup"] = p["speedup"] * scale
             confirm = []
-            if trains_exits and self.cfg.confirm_thresholds:
+            if trains_exits and self.cfg.confirm_thresholds and can_confirm:
                 confirm = self.confirm(d, sw, logits, s, model, dev_ds, tok)
             summary, heldout = summarize(sw, scale), {}
             if getattr(pol, "fixed_threshold", None) is not None:
