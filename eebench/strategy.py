@@ -294,13 +294,16 @@ def per_layer_ce(layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return ce.view(n, m)
 
 
-def exit_kd_matrix(layer_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def exit_kd_matrix(layer_logits: torch.Tensor, temperature: float = 1.0,
+                   teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Distillation between every pair of exits, [M, M]: entry [t, m] is
     T^2 * mean_n KL(softmax(sg(z_t)/T) || softmax(z_m/T)), teacher t (detached: no gradient ever
     reaches the teacher through this term), student m. Zero on the diagonal and wherever two exits
-    emit the same logits (computed elementwise, so identical logits give exactly 0)."""
+    emit the same logits (computed elementwise, so identical logits give exactly 0).
+    ``teacher_logits`` (default: ``layer_logits``) holds the teachers fixed at other logits, e.g.
+    to differentiate the student side alone by a finite difference."""
     z = layer_logits.float() / temperature
-    teacher = z.detach()
+    teacher = (z if teacher_logits is None else teacher_logits.float() / temperature).detach()
     q, log_q = teacher.softmax(-1), teacher.log_softmax(-1)  # [N, M, C]
     log_p = z.log_softmax(-1)
     kl = (q.unsqueeze(2) * (log_q.unsqueeze(2) - log_p.unsqueeze(1))).sum(-1)  # [N, t, m]

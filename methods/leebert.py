@@ -28,7 +28,7 @@ splits of the training set ("cross-level optimisation", CLO). Everything below m
   it) on one D2 batch at theta', v = grad L_out(theta'), and
   grad_Omega = -xi [grad_Omega L_D1(theta + eps v) - grad_Omega L_D1(theta - eps v)] / (2 eps),
   eps = ``fd_eps`` / ||v|| (the central difference of DARTS; both sides use the same dropout
-  masks). The Omega-gradient reaches Omega only through theta' (xi = 0 gives exactly 0).
+  masks, and the KD teachers held at theta, as the stop-gradient in the loss says). The Omega-gradient reaches Omega only through theta' (xi = 0 gives exactly 0).
   ``clo=true`` (default): CLO "draws gradient information from both splits": the same step with
   the roles of D1 and D2 swapped is added and the two Omega-gradients are averaged; ``clo=false``
   is plain DARTS. Omega learns in its own parameter group (``omega_lr`` 1e-3, the trainer's
@@ -36,7 +36,7 @@ splits of the training set ("cross-level optimisation", CLO). Everything below m
 * **Exit**: PABEE patience (``--signals patience``) [unverified]; entropy / energy curves come
   from the same cell.
 
-Cost: the Omega step adds, per optimiser step, a forward + backward on D2 and two forwards on
+Cost: the Omega step adds, per optimiser step, a forward + backward on D2 and three forwards on
 the step's D1 rows (x2 with CLO, plus a backward on D1): about 3x (clo=false) to 5x (clo=true) a
 vanilla step; ``omega_every`` thins it out.
 """
@@ -93,9 +93,10 @@ class LossWeights(nn.Module):
         return w_ce, F.softplus(self.omega_kd) / math.log(2) * mask / per_student
 
 
-def leebert_terms(layer_logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+def leebert_terms(layer_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                  teacher_logits: torch.Tensor | None = None):
     """(CE_m [M], KD [M teacher, M student]) of one batch: the terms the weights multiply."""
-    return per_layer_ce(layer_logits, labels).mean(0), exit_kd_matrix(layer_logits, temperature)
+    return per_layer_ce(layer_logits, labels).mean(0), exit_kd_matrix(layer_logits, temperature, teacher_logits)
 
 
 def leebert_loss(ce: torch.Tensor, kd: torch.Tensor, w_ce: torch.Tensor, w_kd: torch.Tensor,
@@ -197,12 +198,18 @@ class LeeBert(Strategy):
         eps = float(self.hparams["fd_eps"]) / norm
         t = float(self.hparams["temperature"])
         rng = _rng_state(next(iter(theta.values())).device)
+        # The teachers are held at theta (their logits are detached in the loss, so the gradient
+        # g_inner has no teacher path; the difference must not have one either).
+        _set_rng_state(rng)
+        with torch.no_grad():
+            teachers = [self._call({}, x) for x, _, _ in inner]
         sides = []
         for sign in (1.0, -1.0):
-            _set_rng_state(rng)  # the same dropout masks on both sides: a difference of one function
+            _set_rng_state(rng)  # the same dropout masks on every side: a difference of one function
             shifted = {n: p.detach() + sign * eps * v[n] for n, p in theta.items()}
             with torch.no_grad():
-                terms = [leebert_terms(self._call(shifted, x), y, t) for x, y, _ in inner]
+                terms = [leebert_terms(self._call(shifted, x), y, t, z0)
+                         for (x, y, _), z0 in zip(inner, teachers, strict=True)]
             sides.append((sum(s * ce for (ce, _), (_, _, s) in zip(terms, inner, strict=True)),
                           sum(s * kd for (_, kd), (_, _, s) in zip(terms, inner, strict=True))))
         d_ce, d_kd = sides[0][0] - sides[1][0], sides[0][1] - sides[1][1]
