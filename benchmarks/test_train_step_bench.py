@@ -183,3 +183,57 @@ def test_consistentee_train_step_vs_vanilla(benchmark, minilm):
     benchmark.extra_info.update({f"median_{n}_s": v for n, v in med.items()} | ratios)
     print("\nmedian step (s): " + ", ".join(f"{n} {v:.3f}" for n, v in med.items()) + "; "
           + ", ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
+
+
+@needs_glue
+def test_train_step_leebert_gaml_over_vanilla(benchmark, minilm):
+    """LeeBERT-style (Omega step every optimiser step, with and without CLO) and GAML-BERT-style
+    (KD gradient + projection) training steps against vanilla's, on the same real SST-2 batch of
+    32, MiniLM-L6, interleaved rounds; the ratios are reported (no limit: these methods cost more
+    by design)."""
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
+
+    _, tok = minilm
+    rows = sst2_rows("train", 32)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    kinds = {"vanilla": ("vanilla", None), "leebert": ("leebert", None), "leebert-noclo": ("leebert", {"clo": False}),
+             "gaml-bert": ("gaml-bert", None)}
+    models, strategies, opts = {}, {}, {}
+    for kind, (name, params) in kinds.items():
+        models[kind] = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()
+        strategies[kind] = build_strategy(name, params)
+        models[kind].attach(strategies[kind])
+        strategies[kind].held_out_data = _SameBatch(inputs, labels)
+        opts[kind] = torch.optim.AdamW(models[kind].parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0)
+    ctx = StepContext(step=10, total_steps=100, epoch=0, loss_scale=1.0, inputs=inputs, lr=2e-5)
+
+    def step(kind):
+        model, strategy, opt = models[kind], strategies[kind], opts[kind]
+        loss, _ = strategy.compute_loss(model(**inputs), labels, ctx)
+        loss.backward()
+        strategy.on_gradients(ctx)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {k: [] for k in kinds}
+    order = list(kinds)
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.append(order.pop(0))
+
+    for kind in kinds:  # warm-up
+        step(kind)
+    benchmark.pedantic(one_round, rounds=5, warmup_rounds=0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {f"{k}_over_vanilla": med[k] / med["vanilla"] for k in kinds if k != "vanilla"}
+    benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()} | ratios)
+    print("\nmedian step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()) + "; "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    assert all(v > 0 for v in ratios.values())

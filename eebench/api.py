@@ -31,6 +31,7 @@ from eebench.strategy import (
     Strategy,
     add_preset,
     build_strategy,
+    exit_kd_matrix,
     get_method,
     list_methods,
     per_layer_ce,
@@ -42,7 +43,7 @@ register_signal = SIGNALS.register
 
 __all__ = [
     # methods: the contract and its registry
-    "Strategy", "Phase", "StepContext", "register_method", "add_preset", "per_layer_ce", "METHODS",
+    "Strategy", "Phase", "StepContext", "register_method", "add_preset", "per_layer_ce", "exit_kd_matrix", "METHODS",
     "build_strategy", "get_method", "list_methods",
     # the model a method sees
     "ExitOutput", "LayerStepper", "MultiExitModel",

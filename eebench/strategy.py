@@ -209,6 +209,13 @@ class StepContext:
     #: How many copies of each row the pass holds (``Strategy.batch_copies``), each row's copies
     #: adjacent (``repeat_interleave``).
     copies: int = 1
+    #: The factor the trainer applies to the returned loss before ``backward`` (this micro-batch's
+    #: share of the optimiser step); a method that takes gradients itself scales them alike.
+    loss_scale: float = 1.0
+    #: The model inputs of this micro-batch (on the device), for a method that reruns the model.
+    inputs: dict | None = None
+    #: The learning rate of the body parameters at this step (the schedule's current value).
+    lr: float | None = None
 
 
 class Strategy:
@@ -283,6 +290,22 @@ class Strategy:
     def on_epoch_end(self, epoch: int) -> None:
         """Called after every training epoch (COSEE updates its threshold range here)."""
 
+    def on_gradients(self, ctx: StepContext) -> None:
+        """Called once per optimiser step, after every micro-batch's gradient is accumulated in
+        ``.grad`` (unscaled under AMP) and before clipping and the optimiser step: a method may
+        rewrite the gradients here (GAML-BERT's projection) or set its own parameters' (LeeBERT's
+        loss weights). ``ctx`` is the step's last micro-batch's. The default does nothing."""
+
+    def held_out(self) -> tuple[float, int] | None:
+        """(fraction, seed): the share of the training split that the trainer holds out for this
+        method (never trained on by the main loop; it reaches the method as ``self.held_out_data``,
+        a ``eebench.training.HeldOutStream``), drawn with that seed; None (the default): none.
+        The split is part of the cell's identity through the method's hyper-parameters."""
+        return None
+
+    #: The held-out rows' batch stream (set by the trainer when ``held_out`` asks for one).
+    held_out_data: Any = None
+
     def protocol_warnings(self, epochs: int) -> list[str]:
         """Ways in which this training run departs from the method's protocol (printed and kept
         in the cell's result); none by default."""
@@ -303,6 +326,22 @@ def per_layer_ce(layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     n, m, c = layer_logits.shape
     ce = F.cross_entropy(layer_logits.float().reshape(n * m, c), labels.repeat_interleave(m), reduction="none")
     return ce.view(n, m)
+
+
+def exit_kd_matrix(layer_logits: torch.Tensor, temperature: float = 1.0,
+                   teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Distillation between every pair of exits, [M, M]: entry [t, m] is
+    T^2 * mean_n KL(softmax(sg(z_t)/T) || softmax(z_m/T)), teacher t (detached: no gradient ever
+    reaches the teacher through this term), student m. Zero on the diagonal and wherever two exits
+    emit the same logits (computed elementwise, so identical logits give exactly 0).
+    ``teacher_logits`` (default: ``layer_logits``) holds the teachers fixed at other logits, e.g.
+    to differentiate the student side alone by a finite difference."""
+    z = layer_logits.float() / temperature
+    teacher = (z if teacher_logits is None else teacher_logits.float() / temperature).detach()
+    q, log_q = teacher.softmax(-1), teacher.log_softmax(-1)  # [N, M, C]
+    log_p = z.log_softmax(-1)
+    kl = (q.unsqueeze(2) * (log_q.unsqueeze(2) - log_p.unsqueeze(1))).sum(-1)  # [N, t, m]
+    return kl.mean(0) * temperature**2
 
 
 def group_of(name: str, num_layers: int) -> str:

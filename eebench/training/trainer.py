@@ -196,6 +196,7 @@ class Trainer:
         seed_everything(cfg.seed)
         model.to(self.device)
         phases = self.strategy.phases()
+        train_ds = self._hold_out(train_ds, mb)
         micro_per_epoch = math.ceil(len(train_ds) / mb)
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
         phase_epochs = [cfg.epochs * p.epochs_factor for p in phases]
@@ -239,18 +240,21 @@ class Trainer:
                 for micro, batch in enumerate(loader):
                     if micro < skip:
                         continue
+                    share = (len(batch["labels"]) / mb) / accum
                     ctx = StepContext(step=state["step"], total_steps=total_steps, epoch=epoch, phase=pi, micro=micro,
-                                      rows=batch.get("index"))
+                                      rows=batch.get("index"), loss_scale=share,
+                                      inputs=_model_inputs(batch, self.device), lr=sched.get_last_lr()[0])
                     now = self.strategy.trainable_now(ctx)
                     if now is not None or step_mask is not None:
                         step_mask = self._step_freeze(now, phase_mask, extra_groups)
-                    inputs, labels = _model_inputs(batch, self.device), batch["labels"].to(self.device)
+                    inputs, labels = ctx.inputs, batch["labels"].to(self.device)
                     k = int(self.strategy.batch_copies(ctx))
                     if k > 1:  # copies of each row, adjacent; they differ only by dropout noise
                         inputs = {n: v.repeat_interleave(k, 0) for n, v in inputs.items()}
                         labels = labels.repeat_interleave(k, 0)
                         ctx.copies = k
                         ctx.rows = None if ctx.rows is None else ctx.rows.repeat_interleave(k, 0)
+                        ctx.inputs = inputs
                     with self._autocast():
                         out = model(**inputs, hidden_states=self.strategy.needs_hidden_states)
                     loss, logs = self.strategy.compute_loss(out, labels, ctx)
@@ -261,6 +265,7 @@ class Trainer:
                     if (micro + 1) % accum == 0 or last:
                         if scaler:
                             scaler.unscale_(opt)
+                        self.strategy.on_gradients(ctx)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         (scaler.step(opt), scaler.update()) if scaler else opt.step()
                         sched.step()
@@ -290,6 +295,25 @@ class Trainer:
         result.train_seconds = time.perf_counter() - t0
         model.eval()
         return result
+
+    def _hold_out(self, train_ds, batch_size: int):
+        """The rows the main loop trains on: all of ``train_ds``, or, when the method asks for a
+        held-out share (``Strategy.held_out``), the rest after that share is set aside (a seeded
+        permutation of the training rows only: dev rows can never be in it)."""
+        want = self.strategy.held_out()
+        if not want:
+            return train_ds
+        fraction, seed = want
+        n = len(train_ds)
+        k = round(float(fraction) * n)
+        if not 0 < k < n:
+            raise EebenchError(f"held-out fraction {fraction} of {n} training rows leaves "
+                               f"{k} held out and {n - k} to train on; both must be at least 1 (0 < fraction < 1)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+        held, kept = sorted(perm[:k]), sorted(perm[k:])
+        self.strategy.held_out_data = HeldOutStream(train_ds.select(held), self.tokenizer, batch_size, int(seed),
+                                                    self.device)
+        return train_ds.select(kept)
 
     def _step_freeze(self, now, phase_mask: dict[str, bool], extra_groups) -> dict | None:
         """Apply a per-step freeze (``Strategy.trainable_now``): parameters learn when both the
@@ -403,6 +427,33 @@ class Trainer:
             raise EebenchError(f"checkpoint {gen} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                                f"delete {d} to train this cell from the start") from None
         log.info("resumed from %s at optimiser step %d", gen, doc["state"]["step"])
+
+
+class HeldOutStream:
+    """Batches of a method's held-out rows, an endless deterministic stream: batch ``k`` is the
+    ``k mod B``-th batch of pass ``k // B`` over the rows, each pass shuffled with a seed derived
+    from ``seed`` and the pass. The method keeps ``k`` (in its state, for bit-exact resume); the
+    stream keeps nothing but a cache of the current pass."""
+
+    def __init__(self, rows, tokenizer, batch_size: int, seed: int, device):
+        self.rows, self.tokenizer, self.batch_size, self.seed, self.device = rows, tokenizer, batch_size, seed, device
+        self.batches_per_pass = math.ceil(len(rows) / batch_size)
+        self._pass: tuple[int, list] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, k: int) -> tuple[dict, torch.Tensor]:
+        """(model inputs on the device, labels on the device) of batch ``k`` (0-based)."""
+        from eebench.data import make_loader
+
+        p, i = divmod(int(k), self.batches_per_pass)
+        if self._pass is None or self._pass[0] != p:
+            loader = make_loader(self.rows, self.tokenizer, self.batch_size, shuffle=True,
+                                 seed=self.seed * 1000 + 7919 + p)
+            self._pass = (p, list(loader))
+        b = self._pass[1][i]
+        return _model_inputs(b, self.device), b["labels"].to(self.device)
 
 
 CHECKPOINT_FORMAT = 2
