@@ -185,6 +185,16 @@ def test_consistentee_train_step_vs_vanilla(benchmark, minilm):
           + ", ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
 
 
+class _SameBatch:
+    """LeeBERT's held-out stream in the benchmark: the step's own batch (the cost is the same)."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+
+    def batch(self, k):
+        return self.inputs, self.labels
+
+
 @needs_glue
 def test_train_step_leebert_gaml_over_vanilla(benchmark, minilm):
     """LeeBERT-style (Omega step every optimiser step, with and without CLO) and GAML-BERT-style
