@@ -83,6 +83,9 @@ class GpfeeClassifier(ExitCombiner):
         self.cls_bias = nn.Parameter(torch.zeros(m, 2 * c))
         self.gate = nn.Linear(c, c)
         self.dropout = nn.Dropout(dropout)
+        #: The last training pass's (input, pool, futures): the imitation loss reuses them
+        #: instead of computing the M x M futures twice per step.
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- pieces shared by both forms --------------------------------------------------------
     def pool(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -118,19 +121,33 @@ class GpfeeClassifier(ExitCombiner):
     # -- one pass ----------------------------------------------------------------------------
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            self._cache = None
             return super().forward(pooled)  # step by step: exactly the engine's operations
-        return self.train_logits(pooled, self.pool(pooled))
+        pool = self.pool(pooled)
+        fut = self.futures(pool)
+        self._cache = (pooled, pool, fut)
+        return self.train_logits(pooled, pool, fut)
 
-    def train_logits(self, pooled: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    def pool_and_futures(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool, futures) of ``pooled``: the last training pass's when it read this very tensor
+        (no dropout comes before them, so recomputing would give the same values)."""
+        cache, self._cache = self._cache, None  # used once: no graph is kept past the step
+        if cache is not None and cache[0] is pooled:
+            return cache[1], cache[2]
+        pool = self.pool(pooled)
+        return pool, self.futures(pool)
+
+    def train_logits(self, pooled: torch.Tensor, pool: torch.Tensor, fut: torch.Tensor | None = None) -> torch.Tensor:
         """The training form: S^(i) for every exit i at once ([N, M(i), M(j), H]), past states
         detached, dropout on the whole stack, then the gated sums."""
         n, m, _ = pool.shape
+        fut = self.futures(pool) if fut is None else fut
         c = self.num_labels
         idx = torch.arange(m, device=pool.device)
         i_, j_ = idx.view(m, 1, 1), idx.view(1, m, 1)
         past_pool = pool.detach() if self.detach_past else pool
         states = torch.where((j_ < i_).unsqueeze(0), past_pool.unsqueeze(1),
-                             torch.where((j_ == i_).unsqueeze(0), pool.unsqueeze(1), self.futures(pool)))
+                             torch.where((j_ == i_).unsqueeze(0), pool.unsqueeze(1), fut))
         states = self.dropout(states)
         a = torch.einsum("nijh,jhk->nijk", states, self.cls_weight) + self.cls_bias  # [N, M, M, 2C]
         is_past = (j_ <= i_).to(a.dtype).unsqueeze(0)  # [1, M, M, 1]
@@ -211,8 +228,8 @@ class Gpfee(Strategy):
         m = logits.shape[1]
         ce = per_layer_ce(logits, labels).mean(0)  # [M]
         task = (ce * pabee_weights(m).to(ce.device)).sum()
-        pool = comb.pool(out.pooled)  # recomputed: deterministic (no dropout before the poolers)
-        imit = imitation_loss(comb.futures(pool), pool)
+        pool, fut = comb.pool_and_futures(out.pooled)
+        imit = imitation_loss(fut, pool)
         loss = (task + float(self.hparams["imit_weight"]) * imit) / 2
         return loss, {"task": task.detach(), "imit": imit.detach(), "ce_per_layer": ce.detach()}
 

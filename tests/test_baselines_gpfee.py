@@ -248,3 +248,17 @@ def test_bottom_freezing_in_the_trainer(tiny_backbone_dir, toy_task):
         moved = [not torch.equal(a, b) for a, b in zip(snaps[k], snaps[k + 1], strict=True)]
         assert moved[2] and moved[3]
         assert moved[0] == moved[1] == (not frozen)
+
+
+def test_loss_reuses_the_forward_futures_only_for_the_same_pass():
+    """The imitation loss reads the training pass's (pool, futures) for that pass's tensor, and
+    recomputes them for any other input (same values: nothing random comes before them)."""
+    comb = _classifier()
+    comb.train()
+    x = torch.randn(2, 4, 8)
+    comb(x)
+    pool, fut = comb.pool_and_futures(x)
+    assert comb._cache is None
+    pool2, fut2 = comb.pool_and_futures(x.clone())
+    torch.testing.assert_close(pool, pool2)
+    torch.testing.assert_close(fut, fut2)
