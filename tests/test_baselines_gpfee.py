@@ -4,12 +4,16 @@ bottom freezing in the trainer."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from eebench.api import MultiExitModel, StepContext, build_strategy
 from eebench.methods.gpfee import GpfeeClassifier, imitation_loss, pabee_weights
 from tests.conftest import padded_batch, tiny_model
+from tests.test_training import _train, toy  # noqa: F401 - the toy data fixture and its trainer
 
 
 def _classifier(h=8, c=3, m=4, seed=0, gate_zero=False) -> GpfeeClassifier:
@@ -262,3 +266,33 @@ def test_loss_reuses_the_forward_futures_only_for_the_same_pass():
     pool2, fut2 = comb.pool_and_futures(x.clone())
     torch.testing.assert_close(pool, pool2)
     torch.testing.assert_close(fut, fut2)
+
+
+def test_resume_is_bit_exact_with_the_freezing_coins(toy, tmp_path, monkeypatch):  # noqa: F811
+    """GPFEE keeps no state beyond its modules: the per-step coins come from (freeze_seed, step),
+    so a run killed mid-epoch and resumed ends bit for bit where the uninterrupted one does."""
+    data = toy
+    full, strategy, _ = _train(data, "gpfee", out=tmp_path / "a", epochs=2, checkpoint_every=3)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, "gpfee", out=tmp_path / "b", epochs=2, checkpoint_every=3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    ckpt = tmp_path / "b" / "checkpoint"
+    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"]
+                        / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 6
+    coins = [strategy.frozen_at(StepContext(t, 12, 0)) for t in range(12)]
+    assert coins[0] and not all(coins)  # the run froze the bottom block on some steps, not all
+    resumed, _, res = _train(data, "gpfee", out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
+    assert res.resumed_from_step == 6
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
