@@ -247,3 +247,53 @@ def test_train_step_leebert_gaml_over_vanilla(benchmark, minilm):
     print("\nmedian step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()) + "; "
           + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     assert all(v > 0 for v in ratios.values())
+
+
+@needs_glue
+def test_gpfee_train_step_vs_vanilla(benchmark, minilm):
+    """GPFEE's training step (its gated classifier, imitation loss and per-step freeze decision)
+    against vanilla's on the same real SST-2 batch of 32, MiniLM-L6, interleaved rounds; reported,
+    not asserted (GPFEE adds ~2 M^2 H^2 work per sample: cheap next to the backbone)."""
+    from eebench.model.backbone import MultiExitConfig, MultiExitModel
+
+    _, tok = minilm
+    rows = sst2_rows("train", 32)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    ctx = StepContext(step=10, total_steps=100, epoch=0)
+    runs = {}
+    for kind in ("vanilla", "gpfee"):
+        model = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2))
+        strategy = build_strategy(kind)
+        model.attach(strategy)
+        model.train()
+        runs[kind] = (model, strategy, torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0))
+
+    def step(kind):
+        model, strategy, opt = runs[kind]
+        strategy.trainable_now(ctx)  # the freeze decision is part of GPFEE's step
+        loss, _ = strategy.compute_loss(model(**inputs), labels, ctx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"vanilla": [], "gpfee": []}
+    order = ["vanilla", "gpfee"]
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.reverse()
+
+    for kind in times:  # warm-up
+        step(kind)
+    benchmark.pedantic(one_round, rounds=10, warmup_rounds=0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["gpfee"] / med["vanilla"]
+    benchmark.extra_info.update({"median_vanilla_s": med["vanilla"], "median_gpfee_s": med["gpfee"],
+                                 "gpfee_over_vanilla": ratio})
+    print(f"\nmedian step (s): vanilla {med['vanilla']:.3f}, gpfee {med['gpfee']:.3f}; gpfee/vanilla {ratio:.3f}")

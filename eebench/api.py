@@ -17,6 +17,7 @@ from eebench.model.backbone import (
     HEADS,
     BertLikeAdapter,
     EncoderAdapter,
+    ExitCombiner,
     ExitOutput,
     ExitRoute,
     HeadKind,
@@ -49,6 +50,8 @@ __all__ = [
     "ExitOutput", "LayerStepper", "MultiExitModel",
     # a method's own path through a layer to its exit, and the encoder adapters it builds on
     "ExitRoute", "EncoderAdapter", "BertLikeAdapter",
+    # a method's own exit logits from the layers so far (GPFEE's gated past-future classifier)
+    "ExitCombiner",
     # exit heads
     "HEADS", "HeadKind", "register_head",
     # signals and exit policies

@@ -64,12 +64,16 @@ def signal_overhead(engine: EarlyExitEngine, examples, repeats: int = 3) -> dict
                 ids, mask, tt = _unbatched(ex)
                 hidden, state = embed(ids, mask, tt)
                 pstate = engine.policy.begin()
+                comb = engine._combiner
+                hs = None if comb is None else comb.begin()
                 for i in range(m - 1):
                     t0 = clock()
                     hidden = layer(i, hidden, state)
                     _sync(dev)
                     t1 = clock()
                     feats, logits = heads[i](hidden, None)
+                    if comb is not None:  # GPFEE's gated classifier is part of its exit head
+                        logits, hs = comb.step(i, feats, hs)
                     _sync(dev)
                     t2 = clock()
                     _, pstate = engine._leave_one(i, logits, feats, pstate)

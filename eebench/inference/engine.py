@@ -132,6 +132,7 @@ class _Slot:
     hidden: torch.Tensor  # [L, H]
     mask: torch.Tensor  # [L]
     pstate: tuple | None  # the policy's state for this sample (row of every state tensor)
+    hstate: tuple | None = None  # the exit combiner's state (GPFEE's past), the same way
 
 
 _PY_COMPARE = {(False, True): operator.lt, (False, False): operator.le, (True, True): operator.gt,
@@ -169,6 +170,9 @@ class EarlyExitEngine:
         self._embed, self._layer, self._restate = stepper.embed, stepper.layer, stepper.restate
         # Precomputed per-exit head functions: no module dispatch or dropout check per layer.
         self._head_fns = stepper.eval_heads()
+        #: A method module that computes the exits' logits from layers <= i (``ExitCombiner``,
+        #: GPFEE), or None; its state travels with the rows like the policy's.
+        self._combiner = model.exit_combiner
         self._step = self.policy.step
         self._meets = self.policy.meets
         # Batch size 1 compares one Python float (float64, as the tensor comparison) unless the
@@ -234,11 +238,17 @@ class EarlyExitEngine:
                 group = items[start:start + b]
                 ids, mask, tt = collate(group) if b > 1 else _unbatched(group[0])
                 hidden, state = embed(ids, mask, tt)
+                hmask = mask.to(hidden.dtype) if b > 1 else None
+                comb, hs = self._combiner, None
+                if comb is not None:
+                    hs = comb.begin()
                 for i in range(m):
                     if on_layer is not None:
                         on_layer(i + 1, list(range(start, start + len(group))))
                     hidden = layer(i, hidden, state)
-                logits_out.append(final(hidden, mask.to(hidden.dtype) if b > 1 else None)[1])
+                    if comb is not None:  # its final logits read every layer's pooled vector
+                        logits, hs = comb.step(i, self._head_fns[i](hidden, hmask)[0], hs)
+                logits_out.append(final(hidden, hmask)[1] if comb is None else logits)
         return _output([m] * len(items), logits_out)
 
     def _items(self, examples) -> list[Example]:
@@ -265,16 +275,21 @@ class EarlyExitEngine:
         embed, layer, heads, step = self._embed, self._layer, self._head_fns, self._step
         cmp, thr = self._py_meets, self.threshold
         begin = self.policy.begin
+        comb, hs = self._combiner, None
         layers, logits_out = [], []
         for j, ex in enumerate(items):
             ids, mask, tt = _unbatched(ex)
             hidden, state = embed(ids, mask, tt)
             pstate = begin()
+            if comb is not None:
+                hs = comb.begin()
             for i in range(m):
                 if on_layer is not None:
                     on_layer(i + 1, [j])
                 hidden = layer(i, hidden, state)
                 feats, logits = heads[i](hidden, None)  # one unpadded input: pool over every token
+                if comb is not None:
+                    logits, hs = comb.step(i, feats, hs)
                 if i == m - 1:
                     break
                 if cmp is not None:  # the hot path, inlined
@@ -303,11 +318,15 @@ class EarlyExitEngine:
             alive = torch.arange(start, start + len(group))
             lengths = lengths_all[start:start + len(group)]
             pstate = self.policy.begin()
+            comb = self._combiner
+            hs = None if comb is None else comb.begin()
             for i in range(m):
                 if on_layer is not None:
                     on_layer(i + 1, alive.tolist())
                 hidden = layer(i, hidden, state)
                 feats, logits = heads[i](hidden, hmask)
+                if comb is not None:
+                    logits, hs = comb.step(i, feats, hs)
                 if i == m - 1:
                     exit_logits[alive] = logits.float().cpu()
                     break
@@ -326,6 +345,8 @@ class EarlyExitEngine:
                 hidden, mask, hmask = hidden[stay_d], mask[stay_d], hmask[stay_d]
                 if pstate is not None:
                     pstate = tuple(t[stay_d] for t in pstate)
+                if hs is not None:
+                    hs = tuple(t[stay_d] for t in hs)
                 width = int(lengths.max())
                 if width < hidden.shape[1]:
                     # The longest samples have left: drop the padding columns nobody needs any more.
@@ -346,6 +367,7 @@ class EarlyExitEngine:
         """
         n, m = len(items), self.num_layers
         embed, run_layer, heads = self._embed, self._layer, self._head_fns
+        comb = self._combiner
         queues: list[deque[_Slot]] = [deque() for _ in range(m)]
         exit_layer = [m] * n
         exit_logits: list[torch.Tensor | None] = [None] * n
@@ -360,6 +382,7 @@ class EarlyExitEngine:
                 ids, mask, tt = collate(group_items)
                 hidden, state = embed(ids, mask, tt)
                 pstate = self.policy.begin()
+                hs = None if comb is None else comb.begin()
                 layer = 0
             else:
                 if layer is None:
@@ -380,11 +403,15 @@ class EarlyExitEngine:
                 mask = pad_sequence([s.mask for s in slots], batch_first=True)
                 pstate = None if slots[0].pstate is None else tuple(
                     torch.stack(parts) for parts in zip(*(s.pstate for s in slots), strict=True))
+                hs = None if slots[0].hstate is None else tuple(
+                    torch.stack(parts) for parts in zip(*(s.hstate for s in slots), strict=True))
                 state = self._restate(hidden, mask)
             if on_layer is not None:
                 on_layer(layer + 1, index)
             hidden = run_layer(layer, hidden, state)
             feats, logits = heads[layer](hidden, mask.to(hidden.dtype))
+            if comb is not None:
+                logits, hs = comb.step(layer, feats, hs)
             if layer == m - 1:
                 for j, k in enumerate(index):
                     exit_logits[k] = logits[j]
@@ -398,7 +425,8 @@ class EarlyExitEngine:
                 else:
                     length = lengths[k]
                     nxt.append(_Slot(k, hidden[j, :length], mask[j, :length],
-                                     None if pstate is None else tuple(t[j] for t in pstate)))
+                                     None if pstate is None else tuple(t[j] for t in pstate),
+                                     None if hs is None else tuple(t[j] for t in hs)))
         logits = torch.stack(exit_logits).float().cpu()
         return EngineOutput(torch.tensor(exit_layer, dtype=torch.long), logits.argmax(-1), logits)
 

@@ -358,6 +358,42 @@ class ExitHeads(nn.Module):
         return [make(i) for i in range(len(self.classifiers))]
 
 
+# --------------------------------------------------------------------------- exit combiners
+
+
+class ExitCombiner(nn.Module):
+    """A method's module that computes exit ``i``'s logits from the pooled vectors of layers
+    ``<= i`` (and anything it derives from them), replacing the exits' own classifiers: GPFEE's
+    gated past / future classifier. A model carries at most one, in ``model.extras``.
+
+    Two forms that must agree in eval mode (the same operations, so that simulation and true
+    early exit make the same decisions):
+
+    * ``forward(pooled [N, M, H]) -> logits [N, M, C]``: the one-pass form (training, evaluation,
+      simulation); in training it may differ (dropout, stop-gradients);
+    * ``begin()`` / ``step(layer, pooled [n, H], state) -> (logits [n, C], state)``: the inference
+      engine calls ``step`` after every layer, for every running row, the last layer included;
+      ``state`` is a tuple of batch-first tensors (or None) that the engine subsets and regroups
+      with the rows. ``step`` at layer ``i`` must only read layers ``<= i``.
+
+    ``pooled`` is each exit's pooled vector before the exit head's dropout (``ExitOutput.pooled``).
+    """
+
+    def begin(self) -> tuple[torch.Tensor, ...] | None:
+        return None
+
+    def step(self, layer: int, pooled: torch.Tensor, state):
+        raise NotImplementedError
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The default one-pass form: ``step`` layer by layer (exactly the engine's operations)."""
+        state, out = self.begin(), []
+        for i in range(pooled.shape[1]):
+            z, state = self.step(i, pooled[:, i], state)
+            out.append(z)
+        return torch.stack(out, 1)
+
+
 # --------------------------------------------------------------------------- output and stepper
 
 
@@ -422,6 +458,7 @@ class LayerStepper:
     """
 
     def __init__(self, model: MultiExitModel, route: ExitRoute | None = None):
+        self._model = model
         self.adapter = model.adapter
         self.heads = model.heads
         self.route = route
@@ -449,8 +486,10 @@ class LayerStepper:
         features = torch.stack(feats, 1)
         # In eval ``features`` is ``pooled``: one tensor, no second stack.
         pooled_t = features if feats[0] is pooled[0] else torch.stack(pooled, 1)
-        return ExitOutput(torch.stack(logits, 1), features, pooled_t, attention_mask,
-                          tuple(hs) if hidden_states else None)
+        combiner = self._model.exit_combiner
+        # A method's combiner (GPFEE) replaces the exit classifiers' logits.
+        layer_logits = torch.stack(logits, 1) if combiner is None else combiner(pooled_t)
+        return ExitOutput(layer_logits, features, pooled_t, attention_mask, tuple(hs) if hidden_states else None)
 
 
 # --------------------------------------------------------------------------- the model
@@ -514,6 +553,15 @@ class MultiExitModel(nn.Module):
         #: Modules a training method adds (an LTE head, lambda layers, ...), saved with the model.
         self.extras = nn.ModuleDict()
         self.stepper = LayerStepper(self)
+
+    @property
+    def exit_combiner(self) -> ExitCombiner | None:
+        """The method module that computes the exits' logits (``ExitCombiner``), or None: the
+        exits' own classifiers."""
+        for mod in self.extras.values():
+            if isinstance(mod, ExitCombiner):
+                return mod
+        return None
 
     def attach(self, strategy) -> None:
         """Add ``strategy``'s own modules (``strategy.modules(self)``) to ``extras`` and record the
