@@ -189,7 +189,7 @@ def test_interrupted_cell_resumes_without_corrupt_files(tmp_path, tiny_backbone_
     "args, message",
     [
         (["--methods", "nope"], "unknown method 'nope'; known: "),
-        (["--signals", "confidence"], "unknown exit policy 'confidence'; known: energy, entropy, lte, patience, q-exit, raw-entropy, softmax"),
+        (["--signals", "confidence"], "unknown exit policy 'confidence'; known: energy, entropy, lte, patience, pi-exit, q-exit, raw-entropy, softmax"),
         (["--seeds", ""], "--seeds is empty"),
         (["epochs"], "override 'epochs' is not key=value"),
         (["cosee.gamma=1"], "method 'cosee' has no hyper-parameter 'gamma'"),
