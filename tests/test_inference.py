@@ -155,6 +155,60 @@ def test_streaming_keeps_input_order_and_refills(setups):
     assert sizes.count(4) >= len(sizes) - model.num_layers - 1
 
 
+@pytest.mark.parametrize("signal", ["energy", "entropy", "softmax", "raw-entropy"])
+def test_scalar_form_is_within_its_bound_of_the_kernels(signal):
+    """``Signal.scalar`` (float64 Python, the batch-size-1 fast path) is within its stated bound of
+    ``score`` on one row and on the vectorised [N, M, C] kernels, at every scale of logits."""
+    from eebench.exits.signals import get_signal
+
+    sig = get_signal(signal)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for c in (2, 3, 7):
+        for scale in (1e-3, 0.3, 3.0, 30.0, 300.0):
+            z = torch.randn(64, 6, c, generator=g) * scale + torch.randn(64, 1, 1, generator=g) * scale
+            vec = sig.score(z)
+            for k in range(64):
+                for m in range(6):
+                    r = sig.scalar(z[k, m].tolist())
+                    if r is None:
+                        continue
+                    value, bound = r
+                    assert 0 <= bound < 1e-2 * max(abs(value), 1e-30) + 1e-4, (signal, c, scale)
+                    for ref in (float(sig.score(z[k, m][None])[0]), float(vec[k, m])):
+                        assert abs(value - ref) <= bound, (signal, c, scale, z[k, m].tolist(), value, ref, bound)
+                    checked += 1
+    assert checked > 3000
+    assert sig.scalar([float("nan"), 0.0]) is None and sig.scalar([float("inf"), 0.0]) is None
+
+
+@pytest.mark.parametrize("signal", ["energy", "entropy", "softmax"])
+def test_batch_one_fast_path_decides_exactly_as_the_kernels(setups, signal):
+    """Thresholds equal to observed batch-size-1 values (ties: the worst case for the fast path):
+    the scalar form defers to the kernels there, and every exit equals the kernels-only engine's."""
+    model, exs, _ = setups["bert"]
+    ref_engine = EarlyExitEngine(model, signal, 0.5)
+    ref_engine._scalar = None  # kernels only: the pre-fast-path engine
+    # Every layer's batch-size-1 logits of a few inputs (run_full-like, one input at a time).
+    items = prepare_examples(exs[:6])
+    values = []
+    with torch.inference_mode():
+        for ex in items:
+            hidden, state = model.stepper.embed(ex.input_ids[None], ex.attention_mask[None], ex.token_type_ids[None])
+            for i in range(model.num_layers - 1):
+                hidden = model.stepper.layer(i, hidden, state)
+                values.append(float(ref_engine.signal.score(ref_engine._head_fns[i](hidden, None)[1])[0]))
+    taken = [0, 0]
+    for thr in sorted(set(values))[:: max(1, len(set(values)) // 6)]:
+        fast, ref = EarlyExitEngine(model, signal, thr), EarlyExitEngine(model, signal, thr)
+        ref._scalar = None
+        a, b = fast.run(exs, "single"), ref.run(exs, "single")
+        assert a.exit_layers.tolist() == b.exit_layers.tolist(), (signal, thr)
+        assert torch.equal(a.logits, b.logits)
+        taken = [x + y for x, y in zip(taken, fast.scalar_decisions, strict=True)]
+    assert taken[0] > 0 and taken[1] > 0, taken  # both paths ran: fast away from ties, kernels at them
+
+
 def test_full_model_baseline(setups):
     model, exs, logits = setups["albert"]
     engine = EarlyExitEngine(model, "energy", 0.5)
@@ -225,9 +279,11 @@ def test_bench_returns_the_documented_keys(setups):
     assert set(res["full"]["single"]["latency_ms"]) == {"median", "p90", "p99"}
     (run,) = res["runs"]
     for key in ("threshold", "target_speedup", "layer_speedup", "exit_counts", "matches_simulation",
-                "single", "batched", "streaming", "wall_speedup", "wall_over_layer", "cpu_speedup"):
+                "single", "batched", "streaming", "wall_speedup", "wall_over_layer", "cpu_speedup",
+                "scalar_share"):
         assert key in run, key
     assert sum(run["exit_counts"]) == 10
+    assert 0.0 <= run["scalar_share"] <= 1.0  # energy has a scalar form
     for mode in MODES:
         assert set(run[mode]["total_s"]) == spread and set(run["wall_speedup"][mode]) == spread
         assert set(run["cpu_speedup"][mode]) == spread

@@ -33,6 +33,19 @@ class Signal:
     def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def scalar(self, logits: list[float]) -> tuple[float, float] | None:
+        """One row's value in float64 Python arithmetic and a bound on its distance from ``score``'s
+        float32 value, or None (no such form, or inputs outside the bound's range).
+
+        The engine's batch-size-1 path takes the decision from this value when it is farther from
+        the threshold than the bound (then ``score`` is on the same side, so the decision is
+        ``score``'s exactly) and computes ``score`` otherwise; this saves the dozen small kernels
+        of ``score`` after almost every layer. The bounds are loose on purpose (about 2^-18
+        relative, 16-64 float32 ulps more than the kernels' error): a looser bound only sends
+        more rows to ``score``. ``tests/test_signals.py`` checks them against ``score``.
+        """
+        return None
+
     def meets(self, scores: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
         """Boolean "exit here" for scores against thresholds (broadcast)."""
         if self.higher_is_easier:
@@ -50,6 +63,23 @@ class Signal:
         return f"{type(self).__name__}()"
 
 
+# float32 unit roundoff and the looseness factor of the scalar forms' error bounds (see
+# ``Signal.scalar``): every float32 step of the kernels is within a few of ``_U``; the bounds
+# allow ``_SLACK`` per step.
+_U = 2.0**-24
+_SLACK = 2.0**6 * _U
+
+
+def _softmax64(z: list[float]) -> tuple[list[float], float, float] | None:
+    """(exp(z_i - max) in float64, their sum, max |z_i - max|), or None for non-finite or huge logits."""
+    m = max(z)
+    spread = m - min(z)
+    if not (abs(m) < 1e4 and spread < 1e4):  # also False for nan / inf
+        return None
+    e = [math.exp(x - m) for x in z]
+    return e, math.fsum(e), spread
+
+
 SIGNALS: Registry[type[Signal]] = Registry("signal")
 
 
@@ -62,6 +92,22 @@ class Energy(Signal):
     def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
         # sigmoid(-lse) == 1 / (1 + exp(lse)), computed without ever forming exp(lse).
         return torch.sigmoid(-torch.logsumexp(layer_logits.float(), dim=-1))
+
+    def scalar(self, logits):
+        sm = _softmax64(logits)
+        if sm is None:
+            return None
+        _, total, spread = sm
+        m = max(logits)
+        lse = m + math.log(total)
+        if lse > 80.0:  # exp(lse) nears float32's range; score decides
+            return None
+        s = 1.0 / (1.0 + math.exp(lse))
+        # float32 logsumexp: each step (z - max, exp, sum, log, + max) is within a few ulps of
+        # max(|max|, |lse|, spread, C); d sigmoid(-lse) = -s (1 - s) d(lse), so s moves by at most
+        # s (1 - s) d(lse) (doubled for the second order), plus sigmoid's own few ulps.
+        d_lse = _SLACK * (1.0 + len(logits) + abs(m) + abs(lse) + spread)
+        return s, s * (2.0 * (1.0 - s) * d_lse + _SLACK)
 
 
 @SIGNALS.register("entropy")
@@ -76,6 +122,25 @@ class Entropy(Signal):
         ent = torch.special.entr(torch.softmax(layer_logits.float(), dim=-1)).sum(-1)
         return ent / math.log(layer_logits.shape[-1])
 
+    def scalar(self, logits):
+        sm = _softmax64(logits)
+        if sm is None:
+            return None
+        e, total, spread = sm
+        h = 0.0
+        for x in e:
+            p = x / total
+            if p > 0.0:
+                h -= p * math.log(p)
+        c = len(logits)
+        # float32 p_max is within C ulps of p_max (z_max - max is exact) and entr'(p) = -(log p + 1)
+        # is at most 1 in size there: C ulps absolute. Every other p_i is within (C + spread) ulps
+        # (relative), and sum_{i != max} p_i (|log p_i| + 1) <= H + (1 - p_max) <= 2 H (H >= -log
+        # p_max >= 1 - p_max): at most 2 H (C + spread + 1) ulps, the sum's rounding included.
+        bound = _SLACK * (1.0 + c + 2.0 * (c + spread + 1.0) * h)
+        log_c = math.log(c)
+        return h / log_c, bound / log_c
+
 
 @SIGNALS.register("softmax")
 class MaxSoftmax(Signal):
@@ -86,6 +151,14 @@ class MaxSoftmax(Signal):
 
     def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(layer_logits.float(), dim=-1).amax(-1)
+
+    def scalar(self, logits):
+        sm = _softmax64(logits)
+        if sm is None:
+            return None
+        _, total, spread = sm
+        p = 1.0 / total  # exp(max - max) / sum
+        return p, p * _SLACK * (2.0 + len(logits) + spread)
 
 
 @SIGNALS.register("patience")
@@ -120,6 +193,22 @@ class RawEntropy(Signal):
     def score(self, layer_logits: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(layer_logits.float(), dim=-1)
         return -(logp.exp() * logp).sum(-1)
+
+    def scalar(self, logits):
+        sm = _softmax64(logits)
+        if sm is None:
+            return None
+        e, total, spread = sm
+        h = 0.0
+        for x in e:
+            p = x / total
+            if p > 0.0:
+                h -= p * math.log(p)
+        # float32 log p_i = (z_i - max) - log S is within (|z_i - max| + log S + 1) ulps absolute,
+        # log S = -log p_max <= H; -(p log p) moves by |log p + 1| p times that: the max term by at
+        # most (H + 1) ulps, the others together by at most 2 H (spread + H + 1) ulps (see
+        # Entropy.scalar), plus the sum's C ulps of H.
+        return h, _SLACK * (1.0 + h + (2.0 * (spread + h + 1.0) + len(logits)) * h)
 
 
 def get_signal(name_or_signal: str | Signal) -> Signal:

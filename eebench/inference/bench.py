@@ -132,7 +132,8 @@ def bench(
     (``eebench.model.accel.machine_info``: CPU model and flags, native bf16, threads), ``full`` ({``single``, ``batched``}),
     ``runs`` (one dict per threshold: ``threshold``, ``target_speedup``, ``layer_speedup``,
     ``exit_counts``, ``matches_simulation`` {mode: {``exit_layers``, ``predictions``} agreement
-    fractions}, ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},
+    fractions}, ``scalar_share`` (the share of batch-size-1 decisions taken from the signal's
+    float64 scalar form, ``Signal.scalar``; None without one), ``single``, ``batched``, ``streaming``, ``wall_speedup`` {mode: spread},
     ``wall_over_layer`` {mode: median wall speed-up / layer speed-up}, ``cpu_speedup`` {mode:
     spread of the same ratio in process CPU time, a cross-check on a shared machine}) and ``signal_overhead``
     (see ``signal_overhead``). A timing entry has ``total_s`` and ``throughput`` (inputs/s); at
@@ -231,7 +232,13 @@ def bench(
         sim = exit_layers_from_scores(layer_scores, sig, [r["threshold"] for r in runs])  # [T, N]
         sim_preds = predictions_at_exit(layer_logits, sim)
         for e, (run, eng) in enumerate(zip(runs, engines, strict=True)):
+            before = list(eng.scalar_decisions)
             outs = {mode: eng.run(items, mode, b, sort_by_length=sort_by_length) for mode in MODES}
+            fast, slow = (x - y for x, y in zip(eng.scalar_decisions, before, strict=True))
+            # The share of batch-size-1 decisions taken from the signal's float64 scalar form
+            # (the rest computed the float32 kernels: values within the bound of the threshold);
+            # None: the policy has no scalar form.
+            run["scalar_share"] = fast / (fast + slow) if eng._scalar is not None and fast + slow else None
             layer_speedup = outs["single"].speedup(m)
             run["layer_speedup"] = layer_speedup
             run["exit_counts"] = [int(c) for c in exit_counts(outs["single"].exit_layers, m)]
@@ -337,6 +344,9 @@ def format_bench(result: dict) -> str:
         )
         agree = ", ".join(f"{k} {v['exit_layers']:.3f}/{v['predictions']:.3f}" for k, v in run["matches_simulation"].items())
         lines += ["", f"agreement with the one-pass simulation (exit layers / predictions): {agree}"]
+        if run.get("scalar_share") is not None:
+            lines += [f"batch-1 decisions taken from the signal's float64 scalar form (the rest from its "
+                      f"float32 kernels, values near the threshold): {100 * run['scalar_share']:.2f}%"]
     ov = result["signal_overhead"]
     if ov["fraction"] is not None:
         lines += [

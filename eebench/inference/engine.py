@@ -180,6 +180,14 @@ class EarlyExitEngine:
         default_meets = type(self.policy).meets is ExitPolicy.meets or (
             isinstance(self.policy, SignalPolicy) and type(self.policy.signal).meets is Signal.meets)
         self._py_meets = _PY_COMPARE[(self.policy.higher_is_easier, self.policy.strict)] if default_meets else None
+        # Batch size 1 also skips the signal's kernels when its float64 scalar form is clearly on
+        # one side of the threshold (``Signal.scalar``): the decision is then the kernels' own.
+        self._scalar = None
+        if self._py_meets is not None and isinstance(self.policy, SignalPolicy) \
+                and not self.policy.signal.needs_history and type(self.policy.signal).scalar is not Signal.scalar:
+            self._scalar = self.policy.signal.scalar
+        #: Batch-size-1 decisions taken from the scalar form / from the signal's kernels (counts).
+        self.scalar_decisions = [0, 0]
 
     # -- public ----------------------------------------------------------------------
     def run(self, examples, mode: str = "single", batch_size: int = 32,
@@ -263,8 +271,20 @@ class EarlyExitEngine:
         return self._meets(scores.double(), self._thr), pstate
 
     def _leave_one(self, layer: int, logits: torch.Tensor, features: torch.Tensor, pstate):
-        """Batch size 1: the decision as a Python bool. The value is read once and compared as a
-        Python float (float64), which is exactly the tensor comparison with fewer kernels."""
+        """Batch size 1: the decision as a Python bool, exactly the tensor comparison's.
+
+        With a signal's scalar form (``Signal.scalar``) the logits are read once and the decision
+        is taken in float64 Python when the value is farther from the threshold than its bound
+        (then the float32 kernels' value is on the same side); otherwise, and for policies
+        without one, the policy's value is computed and read once, compared as a Python float
+        (float64, as the tensor comparison) unless the policy brings its own ``meets``.
+        """
+        if self._scalar is not None:
+            value = self._scalar(logits.tolist()[0])
+            if value is not None and abs(value[0] - self.threshold) > value[1]:
+                self.scalar_decisions[0] += 1
+                return self._py_meets(value[0], self.threshold), pstate
+            self.scalar_decisions[1] += 1
         scores, pstate = self._step(layer, logits, features, pstate)
         if self._py_meets is not None:
             return self._py_meets(float(scores), self.threshold), pstate
@@ -272,8 +292,7 @@ class EarlyExitEngine:
 
     def _single(self, items: list[Example], on_layer) -> EngineOutput:
         m = self.num_layers
-        embed, layer, heads, step = self._embed, self._layer, self._head_fns, self._step
-        cmp, thr = self._py_meets, self.threshold
+        embed, layer, heads, leave_one = self._embed, self._layer, self._head_fns, self._leave_one
         begin = self.policy.begin
         comb, hs = self._combiner, None
         layers, logits_out = [], []
@@ -292,14 +311,9 @@ class EarlyExitEngine:
                     logits, hs = comb.step(i, feats, hs)
                 if i == m - 1:
                     break
-                if cmp is not None:  # the hot path, inlined
-                    scores, pstate = step(i, logits, feats, pstate)
-                    if cmp(float(scores), thr):
-                        break
-                else:
-                    leave, pstate = self._leave_one(i, logits, feats, pstate)
-                    if leave:
-                        break
+                leave, pstate = leave_one(i, logits, feats, pstate)
+                if leave:
+                    break
             layers.append(i + 1)
             logits_out.append(logits)
         return _output(layers, logits_out)
