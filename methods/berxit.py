@@ -1,6 +1,6 @@
 """``berxit-*``: BERxiT (Xin, Tang, Yu, Lin, EACL 2021), as the official code (castorini/berxit).
 
-Specification: ../shared/docs/BASELINES.md, section 1. Routines (presets):
+Documented in docs/methods.md, "Methods with their own modules and exit policies". Routines (presets):
 
 * ``berxit-two-stage`` (= DeeBERT): stage 1 trains backbone + final head on L_M; stage 2 only the
   internal exits on sum_{i<M} L_i (a sum), fresh AdamW and schedule, same epochs;

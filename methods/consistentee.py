@@ -1,7 +1,7 @@
 """``consistentee``: ConsistentEE (Zeng, Hong, Dai, Zhuang, Chen, AAAI 2024), as the official code
 (ZeroNLP/ConsistentEE @cd810c7) with the paper's reward as an option.
 
-Specification: ../shared/docs/BASELINES.md, section 7.
+Documented in docs/methods.md, "ConsistentEE".
 
 * **Policy networks** (``model.extras["policy"]``, one per layer): pi_i = sigmoid(Linear 32->1(
   GELU(Linear H->32(pool_i)))), P(exit at layer i). pool_i is the exit's pooled vector before the
@@ -177,7 +177,7 @@ class ConsistentEE(Strategy):
 
     def on_phase_start(self, index: int, phase, trainer, train_ds) -> None:
         if index == 1 and self.hparams["reward"] == "hardness":
-            # the warm-up model, on the training set, in eval mode (BASELINES.md 7e)
+            # the warm-up model, on the training set, in eval mode (the official code)
             logits, labels = trainer.collect(train_ds)
             self.memorized = memorized_layer(logits.argmax(-1) == labels.unsqueeze(1))
 

@@ -1,7 +1,7 @@
 """``disentangled``: DisentangledEE (Ji, Wang, Li, Chen, Chen, Zhang, Findings ACL 2023), as the
 official code (Jikai0Wang/DREE).
 
-Specification: ../shared/docs/BASELINES.md, section 6.
+Documented in docs/methods.md, "DisentangledEE".
 
 * **Parallel adapter per layer, read only by that layer's exit** (``model.extras["adapters"]``,
   one per internal exit 1..M-1; exit M reads the normal layer output, so the code's M-th adapter,

@@ -1,7 +1,7 @@
 """``gaml-bert``: GAML-BERT-style training (Zhu, Wang, Ni, Xie, EMNLP 2021), a reconstruction: no
 public code exists.
 
-Specification: ../shared/docs/BASELINES.md, section 3 (confidence: medium for "all-pairs mutual
+Documented in docs/methods.md, "Reconstructed methods without public code" (confidence: medium for "all-pairs mutual
 KD + KD-gradient projection toward CE", low for the details). [reconstructed] marks this
 harness's reading; the alternatives named are hyper-parameters.
 

@@ -1,5 +1,5 @@
 """``gpfee``: GPFEE, Global Past-Future Early Exit (Liao et al., NAACL 2021), as the official code
-(lancopku/Early-Exit). Specification: ../shared/docs/BASELINES.md, section 4.
+(lancopku/Early-Exit). Documented in docs/methods.md, "GPFEE".
 
 * **Per-layer poolers**: pool_i = tanh(W_i x_i + b_i), newly initialised (normal, std 0.02; the
   pretrained pooler is not copied), on each exit's pooled token vector x_i (``ExitOutput.pooled``;

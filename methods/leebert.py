@@ -1,6 +1,6 @@
 """``leebert``: LeeBERT-style training (Wei Zhu, ACL 2021), a reconstruction: no public code exists.
 
-Specification: ../shared/docs/BASELINES.md, section 2 (confidence: low). What is known: every exit
+Documented in docs/methods.md, "Reconstructed methods without public code" (confidence: low). What is known: every exit
 learns from the others (mutual distillation, variants LLE "learn from later exits" and LAE "learn
 from all exits"), the weights of the loss terms are learned, by a bi-level optimisation on two
 splits of the training set ("cross-level optimisation", CLO). Everything below marked

@@ -1,6 +1,6 @@
 """``palbert``: PALBERT (Balagansky & Gavrilov, NeurIPS 2022), as the official code (tinkoff-ai/palbert).
 
-Specification: ../shared/docs/BASELINES.md, section 5.
+Documented in docs/methods.md, "Methods with their own modules and exit policies".
 
 * **Lambda layer** (one module shared by all layers, ``model.extras["lambda_layer"]``): input
   x_i = [pool_i; pool_{i-1}] (pool_0 = 0), dropout, 3 x [Linear 2H -> 2H + tanh], Linear 2H -> 1,

@@ -1,4 +1,4 @@
-"""BERxiT and PALBERT: the "minimal tests" of ../shared/docs/BASELINES.md (sections 1f and 5f),
+"""BERxiT and PALBERT: the "minimal tests" of the baselines' specification (sections 1f and 5f),
 plus their exit policies (simulation == true early exit in every mode), their own modules
 (saved / restored, own parameter group) and BERxiT's alternating objective in the trainer.
 

@@ -1,4 +1,4 @@
-"""ConsistentEE: the "minimal tests" of ../shared/docs/BASELINES.md (section 7f), its loss against a
+"""ConsistentEE: the "minimal tests" of the baselines' specification (section 7f), its loss against a
 plain-loop re-implementation, its exit policy (simulation == true early exit in every mode), its
 modules (saved / restored), seeded REINFORCE sampling (bit-exact resume), and the fixed operating
 point that its router declares, through every report path (sweep, held-out choice, tables, Table

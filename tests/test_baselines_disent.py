@@ -1,4 +1,4 @@
-"""DisentangledEE: the "minimal tests" of ../shared/docs/BASELINES.md (section 6f), its patience
+"""DisentangledEE: the "minimal tests" of the baselines' specification (section 6f), its patience
 exit (simulation == true early exit in every mode, with its adapters and eval-mode BatchNorm), its
 modules saved / restored, its two stages in the trainer and a bit-exact resume.
 

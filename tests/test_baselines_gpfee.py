@@ -1,4 +1,4 @@
-"""GPFEE (methods/gpfee.py): BASELINES.md section 4's minimal tests against plain-loop oracles,
+"""GPFEE (methods/gpfee.py): the minimal tests of the baselines' specification (section 4) against plain-loop oracles,
 simulation == true early exit, save / load, the engine's full-model baseline and the stochastic
 bottom freezing in the trainer."""
 

@@ -1,4 +1,4 @@
-"""LeeBERT-style and GAML-BERT-style methods: the "minimal tests" of ../shared/docs/BASELINES.md
+"""LeeBERT-style and GAML-BERT-style methods: the "minimal tests" of the baselines' specification
 (sections 2f and 3f), their held-out split, their gradient hooks in the trainer, simulation ==
 true early exit for their exits, save / load and bit-exact resume, and an end-to-end CLI run.
 
