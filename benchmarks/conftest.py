@@ -1,7 +1,10 @@
-"""Shared fixtures for the pytest-benchmark suites: MiniLM-L6 and real SST-2 dev / train rows."""
+"""Shared fixtures for the pytest-benchmark suites: MiniLM-L6, real SST-2 dev / train rows, and the
+interleaved timing loop of the training-step benchmarks."""
 
 import csv
 import os
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,33 @@ def minilm():
 
 
 needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR is not set")
+
+
+def sst2_train_batch(tok, n: int = 32):
+    """(inputs, labels) of the first ``n`` SST-2 training rows, padded to the longest, max length 128."""
+    import torch
+
+    rows = sst2_rows("train", n)
+    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return inputs, torch.tensor([y for _, y in rows])
+
+
+def interleaved_medians(benchmark, step, kinds, rounds: int) -> dict:
+    """Median seconds of ``step(kind)`` per kind: one untimed warm-up step each, then ``rounds``
+    rounds of one step per kind, the order rotated every round so that no kind always runs first
+    (on a shared machine, the ratios of these medians are what counts)."""
+    times = {k: [] for k in kinds}
+    order = list(kinds)
+
+    def one_round():
+        for kind in order:
+            t0 = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t0)
+        order.append(order.pop(0))
+
+    for kind in kinds:
+        step(kind)
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -2,12 +2,9 @@
 a vanilla step, and a vanilla multi-exit step at most 1.10x a single-exit
 AutoModelForSequenceClassification step. The three are timed in interleaved rounds of one run."""
 
-import statistics
-import time
-
 import torch
 
-from benchmarks.conftest import ASSERT_LIMITS, needs_glue, sst2_rows
+from benchmarks.conftest import ASSERT_LIMITS, interleaved_medians, needs_glue, sst2_train_batch
 from eebench.strategy import StepContext, build_strategy
 
 
@@ -19,10 +16,7 @@ def test_train_step_ratios(benchmark, minilm):
 
     _, tok = minilm
     path, _ = resolve_model("minilm-l6")
-    rows = sst2_rows("train", 32)
-    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([y for _, y in rows])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs, labels = sst2_train_batch(tok)
 
     single = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).train()
     multi_v = MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()
@@ -45,20 +39,7 @@ def test_train_step_ratios(benchmark, minilm):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {"single": [], "vanilla": [], "cosee": []}
-    order = ["single", "vanilla", "cosee"]
-
-    def one_round():
-        for kind in order:
-            t0 = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - t0)
-        order.append(order.pop(0))  # rotate so that no kind always runs first
-
-    for kind in times:  # warm-up
-        step(kind)
-    benchmark.pedantic(one_round, rounds=15, warmup_rounds=0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(benchmark, step, ["single", "vanilla", "cosee"], rounds=15)
     r_cosee = med["cosee"] / med["vanilla"]
     r_multi = med["vanilla"] / med["single"]
     benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()})
@@ -79,10 +60,7 @@ def test_disentangled_train_step_vs_vanilla(benchmark, minilm):
     from eebench.strategy import set_trainable
 
     _, tok = minilm
-    rows = sst2_rows("train", 32)
-    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([y for _, y in rows])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs, labels = sst2_train_batch(tok)
     vanilla = build_strategy("vanilla")
     runs = {"vanilla": (MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train(), vanilla, 0)}
     for stage in (0, 1):
@@ -102,20 +80,7 @@ def test_disentangled_train_step_vs_vanilla(benchmark, minilm):
         opts[kind].step()
         opts[kind].zero_grad(set_to_none=True)
 
-    times = {k: [] for k in runs}
-    order = list(runs)
-
-    def one_round():
-        for kind in order:
-            t0 = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - t0)
-        order.append(order.pop(0))
-
-    for kind in runs:  # warm-up
-        step(kind)
-    benchmark.pedantic(one_round, rounds=10, warmup_rounds=0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(benchmark, step, list(runs), rounds=10)
     ratios = {k: med[k] / med["vanilla"] for k in med if k != "vanilla"}
     benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()})
     benchmark.extra_info.update({f"{k}_over_vanilla": r for k, r in ratios.items()})
@@ -133,10 +98,7 @@ def test_consistentee_train_step_vs_vanilla(benchmark, minilm):
     from eebench.strategy import set_trainable
 
     _, tok = minilm
-    rows = sst2_rows("train", 32)
-    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([y for _, y in rows])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs, labels = sst2_train_batch(tok)
     vanilla, cee = build_strategy("vanilla"), build_strategy("consistentee")
     k = int(cee.hparams["copies"])
     models = {"vanilla": MultiExitModel.from_config(MultiExitConfig(model="minilm-l6", num_labels=2)).train()}
@@ -165,20 +127,7 @@ def test_consistentee_train_step_vs_vanilla(benchmark, minilm):
         opts[kind].step()
         opts[kind].zero_grad(set_to_none=True)
 
-    times = {n: [] for n in models}
-    order = list(models)
-
-    def one_round():
-        for kind in order:
-            t0 = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - t0)
-        order.append(order.pop(0))
-
-    for kind in times:  # warm-up
-        step(kind)
-    benchmark.pedantic(one_round, rounds=5, warmup_rounds=0)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = interleaved_medians(benchmark, step, list(models), rounds=5)
     ratios = {f"consistentee_{n}_over_vanilla": med[n] / med["vanilla"] for n in ("warmup", "policy", "joint")}
     benchmark.extra_info.update({f"median_{n}_s": v for n, v in med.items()} | ratios)
     print("\nmedian step (s): " + ", ".join(f"{n} {v:.3f}" for n, v in med.items()) + "; "
@@ -204,10 +153,7 @@ def test_train_step_leebert_gaml_over_vanilla(benchmark, minilm):
     from eebench.model.backbone import MultiExitConfig, MultiExitModel
 
     _, tok = minilm
-    rows = sst2_rows("train", 32)
-    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([y for _, y in rows])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs, labels = sst2_train_batch(tok)
     kinds = {"vanilla": ("vanilla", None), "leebert": ("leebert", None), "leebert-noclo": ("leebert", {"clo": False}),
              "gaml-bert": ("gaml-bert", None)}
     models, strategies, opts = {}, {}, {}
@@ -228,20 +174,7 @@ def test_train_step_leebert_gaml_over_vanilla(benchmark, minilm):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {k: [] for k in kinds}
-    order = list(kinds)
-
-    def one_round():
-        for kind in order:
-            t0 = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - t0)
-        order.append(order.pop(0))
-
-    for kind in kinds:  # warm-up
-        step(kind)
-    benchmark.pedantic(one_round, rounds=5, warmup_rounds=0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(benchmark, step, list(kinds), rounds=5)
     ratios = {f"{k}_over_vanilla": med[k] / med["vanilla"] for k in kinds if k != "vanilla"}
     benchmark.extra_info.update({f"median_{k}_s": v for k, v in med.items()} | ratios)
     print("\nmedian step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()) + "; "
@@ -257,10 +190,7 @@ def test_gpfee_train_step_vs_vanilla(benchmark, minilm):
     from eebench.model.backbone import MultiExitConfig, MultiExitModel
 
     _, tok = minilm
-    rows = sst2_rows("train", 32)
-    batch = tok([s for s, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([y for _, y in rows])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs, labels = sst2_train_batch(tok)
     ctx = StepContext(step=10, total_steps=100, epoch=0)
     runs = {}
     for kind in ("vanilla", "gpfee"):
@@ -279,20 +209,7 @@ def test_gpfee_train_step_vs_vanilla(benchmark, minilm):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {"vanilla": [], "gpfee": []}
-    order = ["vanilla", "gpfee"]
-
-    def one_round():
-        for kind in order:
-            t0 = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - t0)
-        order.reverse()
-
-    for kind in times:  # warm-up
-        step(kind)
-    benchmark.pedantic(one_round, rounds=10, warmup_rounds=0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(benchmark, step, ["vanilla", "gpfee"], rounds=10)
     ratio = med["gpfee"] / med["vanilla"]
     benchmark.extra_info.update({"median_vanilla_s": med["vanilla"], "median_gpfee_s": med["gpfee"],
                                  "gpfee_over_vanilla": ratio})

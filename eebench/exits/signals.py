@@ -80,6 +80,16 @@ def _softmax64(z: list[float]) -> tuple[list[float], float, float] | None:
     return e, math.fsum(e), spread
 
 
+def _entropy64(e: list[float], total: float) -> float:
+    """-sum p log p in nats of p_i = e_i / total (float64; p = 0 adds nothing)."""
+    h = 0.0
+    for x in e:
+        p = x / total
+        if p > 0.0:
+            h -= p * math.log(p)
+    return h
+
+
 SIGNALS: Registry[type[Signal]] = Registry("signal")
 
 
@@ -127,11 +137,7 @@ class Entropy(Signal):
         if sm is None:
             return None
         e, total, spread = sm
-        h = 0.0
-        for x in e:
-            p = x / total
-            if p > 0.0:
-                h -= p * math.log(p)
+        h = _entropy64(e, total)
         c = len(logits)
         # float32 p_max is within C ulps of p_max (z_max - max is exact) and entr'(p) = -(log p + 1)
         # is at most 1 in size there: C ulps absolute. Every other p_i is within (C + spread) ulps
@@ -199,11 +205,7 @@ class RawEntropy(Signal):
         if sm is None:
             return None
         e, total, spread = sm
-        h = 0.0
-        for x in e:
-            p = x / total
-            if p > 0.0:
-                h -= p * math.log(p)
+        h = _entropy64(e, total)
         # float32 log p_i = (z_i - max) - log S is within (|z_i - max| + log S + 1) ulps absolute,
         # log S = -log p_max <= H; -(p log p) moves by |log p + 1| p times that: the max term by at
         # most (H + 1) ulps, the others together by at most 2 H (spread + H + 1) ulps (see
