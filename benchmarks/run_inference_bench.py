@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment", type=int, default=None, help="inputs per interleaved segment (default 8 x batch)")
     p.add_argument("--input-order", action="store_true", help="batch in input order instead of shortest first")
     p.add_argument("--seed", type=int, default=0, help="seed of the (untrained) exit heads")
+    p.add_argument("--split-gain", type=float, default=None,
+                   help="streaming's padding-aware split (default: the engine's, 0.05; 0: full batches only)")
     p.add_argument("--json", type=Path, default=None, help="also write the result dict here")
     args = p.parse_args(argv)
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model, examples, args.signal, target_speedup=args.target_speedup, batch_size=args.batch_size,
         repeats=args.repeats, warmup=args.warmup, threads=args.threads, overhead_inputs=args.overhead_inputs,
         segment=args.segment, sort_by_length=not args.input_order,
+        **({} if args.split_gain is None else {"split_gain": args.split_gain}),
     )
     print(format_bench(result))
     if args.json:

@@ -16,13 +16,14 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
                target_speedup: float | None = None, batch_size: int = 32, repeats: int = 3,
                threads: int | None = None, samples: int | None = None, tracking_uri: str | None = None,
                no_mlflow: bool = False, precision: str = "fp32", attn_implementation: str = "auto",
-               held: tuple | None = None) -> dict:
+               held: tuple | None = None, split_gain: float | None = None) -> dict:
     """Bench one cell. ``held`` = (SplitSpec, Target): the threshold is chosen on a calibration
     part of the cell's cached dev logits (``eebench.exits.operating``) and only the evaluation part is
     benched, so the layer and wall-clock speed-ups are measured on inputs that did not choose it.
     Without it (or with explicit ``thresholds``) every dev input is used (``target_speedup`` is
     then picked on the benched inputs themselves: an oracle choice). ``precision`` /
-    ``attn_implementation`` choose how inference runs (the trained weights do not depend on either)."""
+    ``attn_implementation`` choose how inference runs (the trained weights do not depend on either).
+    ``split_gain``: streaming's padding-aware split (None: the engine's default, 0: full batches only)."""
     from eebench.data import get_task, load_task, subset, tokenize
     from eebench.inference import bench, format_bench
     from eebench.model.accel import check_attn_implementation, resolve_precision
@@ -88,7 +89,8 @@ def bench_cell(cell: str | Path, signal: str = "energy", thresholds: list[float]
     model = MultiExitModel.load(d / "model", attn_implementation=attn_implementation).eval()
     out = bench(model, examples, signal, thresholds=thresholds,
                 target_speedup=target_speedup if thresholds is None else None,
-                batch_size=batch_size, repeats=repeats, threads=threads, precision=precision)
+                batch_size=batch_size, repeats=repeats, threads=threads, precision=precision,
+                **({} if split_gain is None else {"split_gain": split_gain}))
     out["signal"] = signal
     from eebench.exits.policies import fixed_threshold
 

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference precision (bf16: CUDA or a CPU with native bf16, else fp32 with a warning)")
     b.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"],
                    help="attention kernel (default auto: eager on the CPU, sdpa on CUDA)")
+    b.add_argument("--split-gain", type=float, default=None,
+                   help="streaming: run a batch as two length groups when that saves more than this share of its "
+                        "padded tokens (default 0.05; 0: full batches only)")
     b.add_argument("--tracking-uri")
     b.add_argument("--no-mlflow", action="store_true")
     add_split_arguments(b)
@@ -301,6 +304,8 @@ def cmd_bench(args) -> None:
                     ("--samples", args.samples)):
         if v is not None and v < 1:
             raise EebenchError(f"{flag} {v} is not allowed; give an integer >= 1")
+    if args.split_gain is not None and not 0 <= args.split_gain < 1:
+        raise EebenchError(f"--split-gain {args.split_gain} is not allowed; give a share in [0, 1) (0: never split)")
     if args.target_speedup is not None and not args.target_speedup >= 1:
         raise EebenchError(f"--target-speedup {args.target_speedup} is not allowed; give a layer speed-up >= 1")
     try:
@@ -312,7 +317,7 @@ def cmd_bench(args) -> None:
         held = _split_and_target(args, args.target_speedup if args.target_speedup is not None else 2.0)
     bench_cell(args.cell, args.signal, thresholds, args.target_speedup, args.batch_size, args.repeats, args.threads,
                args.samples, args.tracking_uri, args.no_mlflow, precision=args.precision,
-               attn_implementation=args.attn_implementation, held=held)
+               attn_implementation=args.attn_implementation, held=held, split_gain=args.split_gain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -349,8 +349,11 @@ def test_bench_command_records_wall_clock(finished_run, capsys):
     op = b["operating_point"]
     assert op["calibration_rows"] == op["evaluation_rows"] == 24 and op["threshold"] == b["runs"][0]["threshold"]
     assert all(v["exit_layers"] == 1.0 and v["predictions"] == 1.0 for v in b["runs"][0]["matches_simulation"].values())
+    assert b["split_gain"] == 0.05  # streaming's default padding-aware split, recorded
     assert main(["bench", str(finished_run), "--no-mlflow"]) == 2
     assert "is not a finished eebench cell" in capsys.readouterr().err
+    assert main(["bench", str(cell), "--split-gain", "1.5", "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().endswith("give a share in [0, 1) (0: never split)")
 
 
 def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_dir, toy_task):

@@ -135,7 +135,7 @@ def test_every_mode_reproduces_the_simulation(setups, kind, signal):
 def test_streaming_keeps_input_order_and_refills(setups):
     model, exs, logits = setups["bert"]
     choice = pick_threshold(logits, "entropy", 2.0)
-    engine = EarlyExitEngine(model, "entropy", choice.threshold)
+    engine = EarlyExitEngine(model, "entropy", choice.threshold, split_gain=None)  # full batches only
     calls: list[tuple[int, list[int]]] = []
     out = engine.run(exs, "streaming", 4, on_layer=lambda layer, idx: calls.append((layer, list(idx))))
     sim = simulate_exits(logits, "entropy", [choice.threshold])[0]
@@ -207,6 +207,46 @@ def test_batch_one_fast_path_decides_exactly_as_the_kernels(setups, signal):
         assert torch.equal(a.logits, b.logits)
         taken = [x + y for x, y in zip(taken, fast.scalar_decisions, strict=True)]
     assert taken[0] > 0 and taken[1] > 0, taken  # both paths ran: fast away from ties, kernels at them
+
+
+def test_length_groups_split_only_where_padding_drops():
+    from eebench.inference.engine import length_groups
+
+    def padded(groups, lengths):
+        return sum(len(g) * max(lengths[k] for k in g) for g in groups)
+
+    lengths = [40, 5, 41, 6, 5, 40, 7, 39]
+    groups = length_groups(lengths, 0.05)
+    # 8 x 41 = 328 padded tokens; cut after the four short rows: 4 x 7 + 4 x 41 = 192 (-41%); the
+    # short half again: [5, 5] + [6, 7] = 24 vs 28 (-14%), [6] + [7] = 13 vs 14 (-7%); the long
+    # half's best cut, [39, 40, 40] + [41] = 161 vs 164, saves only 1.8%: kept whole.
+    assert groups == [[1, 4], [3], [6], [7, 0, 5, 2]]
+    assert padded(groups, lengths) < 0.95 * 8 * 41
+    assert [lengths[k] for g in groups for k in g] == sorted(lengths)  # shortest group first, each sorted
+    assert length_groups(lengths, 0.05, min_size=2) == [[1, 4], [3, 6], [7, 0, 5, 2]]
+    assert length_groups([10] * 6, 0.05) == [list(range(6))]  # nothing to gain
+    assert length_groups(lengths, None) == [sorted(range(8), key=lambda k: lengths[k])]
+    # A split must remove more than the gain: 20% here is not enough for gain 0.3.
+    assert len(length_groups([8, 8, 10, 10], 0.3)) == 1 and len(length_groups([8, 8, 10, 10], 0.05)) == 2
+
+
+def test_streaming_split_groups_match_the_simulation_and_stay_complete(setups):
+    model, exs, logits = setups["bert"]
+    choice = pick_threshold(logits, "energy", 2.0)
+    sim = simulate_exits(logits, "energy", [choice.threshold])[0]
+    calls: list[tuple[int, list[int]]] = []
+    whole_calls: list[tuple[int, list[int]]] = []
+    whole = EarlyExitEngine(model, "energy", choice.threshold, split_gain=None).run(
+        exs, "streaming", 8, on_layer=lambda layer, idx: whole_calls.append((layer, list(idx))))
+    split = EarlyExitEngine(model, "energy", choice.threshold, split_gain=0.05).run(
+        exs, "streaming", 8, on_layer=lambda layer, idx: calls.append((layer, list(idx))))
+    assert split.exit_layers.tolist() == whole.exit_layers.tolist() == sim.tolist()
+    torch.testing.assert_close(split.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    assert per_sample_layers(calls, len(exs)) == [list(range(1, int(e) + 1)) for e in sim]
+    assert len(calls) > len(whole_calls) and all(len(idx) <= 8 for _, idx in calls)  # it did split
+    lengths = [len(e) for e in prepare_examples(exs)]
+    tokens = [sum(len(idx) * max(lengths[k] for k in idx) for _, idx in c) for c in (calls, whole_calls)]
+    assert tokens[0] < tokens[1]  # and padded less
 
 
 def test_full_model_baseline(setups):

@@ -17,7 +17,14 @@ from eebench.exits.metrics import exit_counts
 from eebench.exits.policies import get_policy
 from eebench.exits.rule import exit_layers_from_scores, predictions_at_exit
 from eebench.exits.signals import Signal
-from eebench.inference.engine import MODES, EarlyExitEngine, _check_batch, _unbatched, prepare_examples
+from eebench.inference.engine import (
+    MODES,
+    SPLIT_GAIN,
+    EarlyExitEngine,
+    _check_batch,
+    _unbatched,
+    prepare_examples,
+)
 from eebench.inference.thresholds import one_pass_scores, pick_threshold
 from eebench.model.accel import autocast, machine_info, resolve_precision
 from eebench.model.backbone import MultiExitModel
@@ -106,6 +113,7 @@ def bench(
     sort_by_length: bool = True,
     overhead_inputs: int = 128,
     precision: str = "fp32",
+    split_gain: float | None = SPLIT_GAIN,
 ) -> dict:
     """Wall-clock latency and throughput of early exit against the full model, side by side.
 
@@ -125,6 +133,7 @@ def bench(
     ``threads`` fixes ``torch.set_num_threads`` for the call (restored afterwards).
     ``precision`` bf16 runs every model call under bf16 autocast where the device has native
     bf16 (else fp32, with a warning line); the simulation then uses bf16 one-pass logits too.
+    ``split_gain``: streaming's padding-aware split (``EarlyExitEngine``; None: full batches only).
 
     Returns a JSON-serialisable dict with keys ``model``, ``signal``, ``num_layers``,
     ``num_inputs``, ``mean_tokens``, ``batch_size``, ``segment``, ``sort_by_length``, ``threads``, ``repeats``,
@@ -162,7 +171,7 @@ def bench(
                      "target_speedup": t} for t in targets]
         else:
             runs = [{"threshold": t, "target_speedup": None} for t in _as_list(thresholds)]
-        engines = [EarlyExitEngine(model, sig, r["threshold"], device, precision) for r in runs]
+        engines = [EarlyExitEngine(model, sig, r["threshold"], device, precision, split_gain) for r in runs]
         full = engines[0]
 
         # Timed tasks: (key, callable on a list of examples).
@@ -283,6 +292,7 @@ def bench(
             "torch": torch.__version__,
             "platform": platform.platform(),
             "precision": precision,
+            "split_gain": split_gain or None,
             "attn_implementation": model.config.attn_implementation or model.backbone.config._attn_implementation,
             "machine": machine_info(device),
             "full": {"single": single_stats("full-single"), "batched": batch_stats("full-batched")},
@@ -312,7 +322,10 @@ def format_bench(result: dict) -> str:
         f"(mean {result['mean_tokens']:.1f} tokens), batch {result['batch_size']}, "
         f"{'sorted by length' if result['sort_by_length'] else 'input order'}, "
         f"{result['threads']} thread(s), {result['device']}, {result['repeats']} rounds "
-        f"(median (min-max)), torch {result['torch']}",
+        f"(median (min-max)), torch {result['torch']}"
+        + ("" if "split_gain" not in result else
+           f"; streaming splits a batch by length when that saves > {100 * result['split_gain']:g}% of its padded tokens"
+           if result["split_gain"] else "; streaming runs full batches only (no length split)"),
     ]
     if "machine" in result:  # results written before precision / attention were recorded lack these
         mach = result["machine"]
