@@ -8,7 +8,8 @@ threshold, in three modes that all give the exit layers and predictions of the o
 * ``batched``: fixed batches (in input order, or shortest first with ``sort_by_length``); exited
   samples leave the batch after every layer and padding columns only they needed are trimmed;
 * ``streaming``: the batch is kept full by refilling it with waiting inputs as others exit; every
-  sample keeps its own layer position, hidden states and length.
+  sample keeps its own layer position, hidden states and length. A batch whose lengths spread
+  widely runs as length groups (``split_gain``, ``length_groups``): less padding for one more call.
 
 Every mode drives the model's one ``LayerStepper`` (embed -> layer -> exit head) and asks an exit
 policy (``eebench.exits.policies``: a signal + threshold, or a method's own rule such as BERxiT's LTE or
