@@ -300,6 +300,8 @@ def test_bad_input_is_one_clear_error(setups):
         prepare_examples([{"input_ids": [1, 2], "attention_mask": [0, 0]}])
     with pytest.raises(EebenchError, match="no inputs"):
         prepare_examples([])
+    with pytest.raises(EebenchError, match=r"split_gain 1.5 is not allowed; give a share in \[0, 1\)"):
+        EarlyExitEngine(model, "energy", 0.5, split_gain=1.5)
 
 
 def test_bench_returns_the_documented_keys(setups):

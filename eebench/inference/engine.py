@@ -189,6 +189,8 @@ class EarlyExitEngine:
         self.device = torch.device(device)
         #: Streaming: a batch is run as two length groups when that removes more than this share of
         #: its padded tokens (``length_groups``); None or 0: never (every step one full batch).
+        if split_gain is not None and not 0 <= split_gain < 1:
+            raise EebenchError(f"split_gain {split_gain} is not allowed; give a share in [0, 1) (0 or None: never split)")
         self.split_gain = split_gain or None
         #: The precision that runs: bf16 autocast only on CUDA or a CPU with native bf16 (else
         #: fp32 and a warning line); exit decisions are always taken on float32 logits.
