@@ -40,9 +40,9 @@ class Signal:
         The engine's batch-size-1 path takes the decision from this value when it is farther from
         the threshold than the bound (then ``score`` is on the same side, so the decision is
         ``score``'s exactly) and computes ``score`` otherwise; this saves the dozen small kernels
-        of ``score`` after almost every layer. The bounds are loose on purpose (about 2^-18
-        relative, 16-64 float32 ulps more than the kernels' error): a looser bound only sends
-        more rows to ``score``. ``tests/test_signals.py`` checks them against ``score``.
+        of ``score`` after almost every layer. The bounds are loose on purpose (64 float32 ulps per
+        step, about 2^-18 relative, tens of times the kernels' actual error): a looser bound only
+        sends more rows to ``score``. ``tests/test_inference.py`` checks them against ``score``.
         """
         return None
 
