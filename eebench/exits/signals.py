@@ -70,24 +70,30 @@ _U = 2.0**-24
 _SLACK = 2.0**6 * _U
 
 
-def _softmax64(z: list[float]) -> tuple[list[float], float, float] | None:
-    """(exp(z_i - max) in float64, their sum, max |z_i - max|), or None for non-finite or huge logits."""
+def _softmax64(z: list[float]) -> tuple[list[float], float, float, float] | None:
+    """(exp(z_i - max) in float64, their sum, max, max |z_i - max|), or None for non-finite or huge
+    logits."""
     m = max(z)
     spread = m - min(z)
     if not (abs(m) < 1e4 and spread < 1e4):  # also False for nan / inf
         return None
     e = [math.exp(x - m) for x in z]
-    return e, math.fsum(e), spread
+    return e, math.fsum(e), m, spread
 
 
-def _entropy64(e: list[float], total: float) -> float:
-    """-sum p log p in nats of p_i = e_i / total (float64; p = 0 adds nothing)."""
+def _entropy64(z: list[float]) -> tuple[float, float] | None:
+    """(-sum p log p in nats of softmax(z) in float64 (p = 0 adds nothing), max |z_i - max|), or
+    None (see ``_softmax64``)."""
+    sm = _softmax64(z)
+    if sm is None:
+        return None
+    e, total, _, spread = sm
     h = 0.0
     for x in e:
         p = x / total
         if p > 0.0:
             h -= p * math.log(p)
-    return h
+    return h, spread
 
 
 SIGNALS: Registry[type[Signal]] = Registry("signal")
@@ -107,8 +113,7 @@ class Energy(Signal):
         sm = _softmax64(logits)
         if sm is None:
             return None
-        _, total, spread = sm
-        m = max(logits)
+        _, total, m, spread = sm
         lse = m + math.log(total)
         if lse > 80.0:  # exp(lse) nears float32's range; score decides
             return None
@@ -133,11 +138,10 @@ class Entropy(Signal):
         return ent / math.log(layer_logits.shape[-1])
 
     def scalar(self, logits):
-        sm = _softmax64(logits)
-        if sm is None:
+        ent = _entropy64(logits)
+        if ent is None:
             return None
-        e, total, spread = sm
-        h = _entropy64(e, total)
+        h, spread = ent
         c = len(logits)
         # float32 p_max is within C ulps of p_max (z_max - max is exact) and entr'(p) = -(log p + 1)
         # is at most 1 in size there: C ulps absolute. Every other p_i is within (C + spread) ulps
@@ -162,7 +166,7 @@ class MaxSoftmax(Signal):
         sm = _softmax64(logits)
         if sm is None:
             return None
-        _, total, spread = sm
+        _, total, _, spread = sm
         p = 1.0 / total  # exp(max - max) / sum
         return p, p * _SLACK * (2.0 + len(logits) + spread)
 
@@ -201,11 +205,10 @@ class RawEntropy(Signal):
         return -(logp.exp() * logp).sum(-1)
 
     def scalar(self, logits):
-        sm = _softmax64(logits)
-        if sm is None:
+        ent = _entropy64(logits)
+        if ent is None:
             return None
-        e, total, spread = sm
-        h = _entropy64(e, total)
+        h, spread = ent
         # float32 log p_i = (z_i - max) - log S is within (|z_i - max| + log S + 1) ulps absolute,
         # log S = -log p_max <= H; -(p log p) moves by |log p + 1| p times that: the max term by at
         # most (H + 1) ulps, the others together by at most 2 H (spread + H + 1) ulps (see
