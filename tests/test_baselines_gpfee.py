@@ -189,10 +189,13 @@ def test_simulation_equals_true_early_exit_and_full_model():
 def test_modules_saved_and_restored(tmp_path):
     model = tiny_model("bert", num_labels=2, pooling="cls", seed=4)
     model.attach(build_strategy("gpfee", {"freeze_lower": 2}))
-    model.eval()  # attach adds modules in training mode
+    assert not any(m.training for m in model.modules())  # attached in the model's (eval) mode
     model.save(tmp_path / "m")
     loaded = MultiExitModel.load(tmp_path / "m").eval()
     assert loaded.config.method == "gpfee" and loaded.exit_combiner is loaded.extras["gpfee"]
+    trained = tiny_model("bert", seed=4).train()
+    trained.attach(build_strategy("gpfee"))
+    assert all(m.training for m in trained.modules())  # and in training mode when the model trains
     assert loaded.config.method_params["freeze_lower"] == 2
     ids, mask = padded_batch(4, 8)
     with torch.no_grad():

@@ -571,7 +571,7 @@ class MultiExitModel(nn.Module):
         mods = strategy.modules(self)
         strategy.model = self
         for name, mod in mods.items():
-            self.extras[name] = mod
+            self.extras[name] = mod.train(self.training)  # in the model's mode (a fresh module trains)
         if mods:
             self.config.method = strategy.name
             self.config.method_params = {k: v for k, v in strategy.hparams.items()}
