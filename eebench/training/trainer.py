@@ -226,6 +226,7 @@ class Trainer:
             step_mask = None  # the per-step freeze in force (None: the phase's)
             if doc is not None and pi == state["phase"]:
                 self._load_checkpoint(ckpt, opt, sched)
+                doc = None  # only the phase the run stopped in resumes; later phases start afresh
             first_epoch = state["epoch"] if pi == state["phase"] else 0
             if first_epoch == 0 and not (pi == state["phase"] and state["micro"]):
                 self.strategy.on_phase_start(pi, phases[pi], self, train_ds)
