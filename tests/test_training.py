@@ -115,6 +115,38 @@ def test_resume_with_method_modules_and_per_step_objectives(toy, tmp_path, monke
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("method, kill_at, ckpt_step, ckpt_phase", [
+    ("two-stage", 8, 6, 0),  # killed in stage 1 of 2
+    ("consistentee", 17, 15, 1),  # killed in the policy phase, before the joint one
+])
+def test_resume_in_an_earlier_phase_runs_the_later_phases_afresh(toy, tmp_path, monkeypatch, method, kill_at,
+                                                                 ckpt_step, ckpt_phase):
+    """A run resumed before its last phase reloads the checkpoint once: the later phases start
+    with their own optimiser, schedule and method state, bit for bit as in an uninterrupted run
+    (it once reloaded the old phase's checkpoint at every later phase start)."""
+    full, _, _ = _train(toy, method, out=tmp_path / "a", epochs=2, checkpoint_every=3)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train(toy, method, out=tmp_path / "b", epochs=2, checkpoint_every=3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    ckpt = tmp_path / "b" / "checkpoint"
+    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    assert (state["state"]["step"], state["state"]["phase"]) == (ckpt_step, ckpt_phase)
+    resumed, _, res = _train(toy, method, out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
+    assert res.resumed_from_step == ckpt_step and res.steps > 12 * (ckpt_phase + 1)  # through the later phases
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_cosee_threshold_range_follows_observed_signals(toy):
     _, strategy, _ = _train(toy, "cosee", epochs=1)
     assert (strategy.lo, strategy.hi) != (0.0, 1.0)
