@@ -429,8 +429,31 @@ def test_cli_run_list_mlflow_and_reports_show_a_point(consistent_run, tmp_path, 
         far = abs(sp - 2.0) > 0.1
         assert (", not 2x" in t2[0]) == far
     marks = [d for d in drawn if d[0] and "pi-exit" in d[0]]
-    assert marks and all(d[1] == "none" and d[2] for d in marks)
+    assert marks and all(d[1] == "none" and d[2] == "*" for d in marks)
     assert any(d[0] and "energy" in d[0] and d[1] not in (None, "none") for d in drawn)
+
+
+def test_a_one_point_front_is_not_drawn_as_a_fixed_point(tmp_path, monkeypatch):
+    """A tunable policy whose Pareto front is a single point (every other threshold dominated)
+    gets a diamond; only a fixed operating point gets the star."""
+    import matplotlib.axes
+
+    from eebench.runs.plots import plot_pareto
+    from eebench.runs.results import SignalSweep
+
+    pt = {"threshold": 0.3, "speedup": 6.0, "accuracy": 0.56, "pareto": True, "exit_counts": [10, 0]}
+    curves = {"a / entropy": SignalSweep(signal="entropy", points=[pt], summary={}),
+              "b / pi-exit": SignalSweep(signal="pi-exit", points=[pt], summary={"fixed_threshold": 0.5})}
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kw):
+        drawn.append((kw.get("label"), kw.get("marker")))
+        return real_plot(self, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_pareto(curves, tmp_path / "p.png")
+    assert ("a / entropy", "D") in drawn and ("b / pi-exit", "*") in drawn
 
 
 def test_bench_uses_the_fixed_point(consistent_run, capsys):

@@ -92,7 +92,8 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
                 bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
     """One staircase per label (its Pareto front, drawn as the step function the summaries read),
     metric against speed-up, with the full model (1.0x) marked; a fixed operating point
-    (``is_fixed``: one point per model) is drawn as markers only; ``bands`` optionally shades a
+    (``is_fixed``: one point per model) is drawn as star markers only, a tunable front of one point
+    as a diamond; ``bands`` optionally shades a
     (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
     import matplotlib
 
@@ -123,7 +124,10 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
         style = styles[methods.index(p[0]) % len(styles)]
         width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
         if fixed or len(xs) == 1:
-            ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", color=colour, label=label)
+            # a star only for a fixed operating point; a tunable policy whose front is one point
+            # (every other threshold dominated) gets a diamond, so the two never look alike
+            ax.plot(xs, ys, marker="*" if fixed else "D", markersize=11 if fixed else 6, linestyle="none",
+                    color=colour, label=label)
         else:
             sx, sy = staircase(xs, ys)
             ax.plot(sx, sy, linestyle=style, linewidth=width, color=colour, label=label)
