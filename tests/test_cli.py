@@ -118,6 +118,22 @@ def test_run_writes_results_mlflow_and_report(finished_run, tmp_path, capsys):
     assert capsys.readouterr().out.split("Pareto")[0] == from_mlflow.split("Pareto")[0]
     assert main(["report", "--results", str(finished_run), "--format", "csv"]) == 0
 
+    # A cell still training (its child run open, no result.json yet), here a newer run of a cell
+    # that has a finished one: left out with a note, the tables are the same (on a copy of the store).
+    import shutil
+
+    shutil.copy(finished_run / "mlflow.db", tmp_path / "copy.db")
+    copy_uri = f"sqlite:///{tmp_path / 'copy.db'}"
+    copy = mlflow.tracking.MlflowClient(copy_uri)
+    exp = copy.get_experiment_by_name("eebench-toy").experiment_id
+    busy = copy.create_run(exp, tags={"eebench_cell_id": results[0].cell_id}, run_name="vanilla-s9 in training")
+    capsys.readouterr()
+    assert main(["report", "--tracking-uri", copy_uri, "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split("Pareto")[0] == from_mlflow.split("Pareto")[0]
+    assert "left out 1 MLflow run(s) that have not finished: vanilla-s9 in training (running)" in err
+    assert copy.get_run(busy.info.run_id).info.status == "RUNNING"
+
 
 def test_second_identical_run_trains_nothing(finished_run, tiny_backbone_dir, capsys, monkeypatch):
     import eebench.training.trainer as tr

@@ -241,18 +241,23 @@ def render(df: pd.DataFrame, fmt: str) -> str:
 def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[CellResult]:
     """Cell results logged to MLflow (the result.json artefact of every child run), each cell once:
     every command logs the cells it covered under its own parent, so a cell reused by several runs
-    has several child runs; the newest has every sweep the cell has."""
+    has several child runs; the newest finished one has every sweep the cell has. A child run that
+    has not finished (a cell still training, or one that failed or was killed) has no result yet:
+    it is left out, and said so on stderr."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exps = [e for e in client.search_experiments() if e.name.startswith("eebench-")
             and (task is None or e.name == f"eebench-{task}")]
-    out = []
+    out, unfinished = [], []
     for e in exps:
         seen: set[str] = set()
         for run in client.search_runs([e.experiment_id], filter_string="tags.eebench_cell_id != ''",
                                       order_by=["attributes.start_time DESC"], max_results=50000):
             if run.data.tags.get("eebench_tune"):  # tune trials are not method results
+                continue
+            if run.info.status != "FINISHED":
+                unfinished.append(f"{run.info.run_name} ({run.info.status.lower()})")
                 continue
             if run.data.tags["eebench_cell_id"] in seen:
                 continue
@@ -262,6 +267,9 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
             with tempfile.TemporaryDirectory() as tmp:
                 p = client.download_artifacts(run.info.run_id, "result.json", tmp)
                 out.append(CellResult.model_validate(json.loads(Path(p).read_text())))
+    if unfinished:
+        print(f"note: left out {len(unfinished)} MLflow run(s) that have not finished: {', '.join(unfinished[:5])}"
+              + (" ..." if len(unfinished) > 5 else ""), file=sys.stderr, flush=True)
     return out
 
 
