@@ -43,6 +43,34 @@ def tiny_model(arch: str = "bert", num_labels: int = 2, pooling: str = "cls", se
     return MultiExitModel.from_config(cfg).eval()
 
 
+def interrupted_at_step(monkeypatch, n: int, train) -> int:
+    """Run ``train()`` with the ``n``-th AdamW step raising KeyboardInterrupt (a kill in the middle
+    of training); the real step is restored afterwards. Returns the number of steps attempted."""
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train()
+    finally:
+        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    return calls["n"]
+
+
+def checkpoint_state(ckpt) -> dict:
+    """The trainer_state.json of the generation a checkpoint folder's pointer names."""
+    import json
+
+    return json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+
+
 def padded_batch(n: int = 8, length: int = 12, seed: int = 0, vocab: int = 100):
     """Random token ids with a few padded rows (lengths vary from 3 to ``length``)."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@ Expected values are computed by hand from the specification, never by the code u
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -22,7 +21,7 @@ from eebench.inference import EarlyExitEngine, one_pass_scores, pick_threshold
 from eebench.methods.consistentee import PiExit, PolicyNet, advantages, memorized_layer, rewards, trajectory
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
 from eebench.strategy import StepContext, build_strategy
-from tests.conftest import padded_batch, tiny_model
+from tests.conftest import checkpoint_state, interrupted_at_step, padded_batch, tiny_model
 
 # ----------------------------------------------------------------------------- BASELINES.md 7f
 
@@ -213,21 +212,9 @@ def test_sampled_rollouts_are_seeded_and_resume_bit_exact(toy, tmp_path, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), again.state_dict().values(), strict=True))
     # an oracle for the memorised layers: the warm-up model's own correctness, looped by hand
     assert strat_a.memorized is not None and strat_a.memorized.shape == (len(toy[3]),)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 17:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, params, out=tmp_path / "b", checkpoint_every=3)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, 17, lambda: _train(toy, params, out=tmp_path / "b", checkpoint_every=3))
     ckpt = tmp_path / "b" / "checkpoint"
-    doc = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    doc = checkpoint_state(ckpt)
     assert doc["state"]["step"] == 15 and doc["state"]["phase"] == 2  # inside the joint phase
     assert len(doc["strategy"]["memorized"]) == len(toy[3])
     resumed, strat_b, res = _train(toy, params, out=tmp_path / "b", checkpoint_every=3, resume=True)

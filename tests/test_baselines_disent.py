@@ -7,7 +7,6 @@ Expected values are computed by hand from the specification, never by the code u
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -28,7 +27,7 @@ from eebench.methods.disentangled import (
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
 from eebench.strategy import StepContext, build_strategy
 from eebench.training.trainer import TrainConfig, Trainer, seed_everything
-from tests.conftest import padded_batch, tiny_model
+from tests.conftest import checkpoint_state, interrupted_at_step, padded_batch, tiny_model
 from tests.test_inference import make_examples, per_sample_layers
 from tests.test_training import toy  # noqa: F401 - the tiny task as a fixture
 
@@ -296,21 +295,9 @@ def test_final_bn_eval_keeps_the_final_statistics_in_stage_two(toy):  # noqa: F8
 def test_resume_inside_stage_two_is_bit_exact(toy, tmp_path, monkeypatch):  # noqa: F811
     params = {"final_bn": "eval", "ln_init": "full"}
     full, *_ = _train(toy, out=tmp_path / "a", **params)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, out=tmp_path / "b", **params)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, 10, lambda: _train(toy, out=tmp_path / "b", **params))
     ckpt = tmp_path / "b" / "checkpoint"
-    doc = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    doc = checkpoint_state(ckpt)
     assert doc["state"]["phase"] == 1 and doc["state"]["step"] == 8 and doc["strategy"] == {"stage": 1}
     resumed, strategy, res, _, _ = _train(toy, out=tmp_path / "b", resume=True, **params)
     assert res.resumed_from_step == 8 and strategy.stage == 1

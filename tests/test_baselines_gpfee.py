@@ -4,15 +4,12 @@ bottom freezing in the trainer."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import torch
 import torch.nn.functional as F
 
 from eebench.api import MultiExitModel, StepContext, build_strategy
 from eebench.methods.gpfee import GpfeeClassifier, imitation_loss, pabee_weights
-from tests.conftest import padded_batch, tiny_model
+from tests.conftest import checkpoint_state, interrupted_at_step, padded_batch, tiny_model
 from tests.test_training import _train, toy  # noqa: F401 - the toy data fixture and its trainer
 
 
@@ -276,22 +273,9 @@ def test_resume_is_bit_exact_with_the_freezing_coins(toy, tmp_path, monkeypatch)
     so a run killed mid-epoch and resumed ends bit for bit where the uninterrupted one does."""
     data = toy
     full, strategy, _ = _train(data, "gpfee", out=tmp_path / "a", epochs=2, checkpoint_every=3)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(data, "gpfee", out=tmp_path / "b", epochs=2, checkpoint_every=3)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, 8, lambda: _train(data, "gpfee", out=tmp_path / "b", epochs=2, checkpoint_every=3))
     ckpt = tmp_path / "b" / "checkpoint"
-    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"]
-                        / "trainer_state.json").read_text())
+    state = checkpoint_state(ckpt)
     assert state["state"]["step"] == 6
     coins = [strategy.frozen_at(StepContext(t, 12, 0)) for t in range(12)]
     assert coins[0] and not all(coins)  # the run froze the bottom block on some steps, not all

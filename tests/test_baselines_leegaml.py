@@ -21,7 +21,7 @@ from eebench.methods.gaml_bert import mutual_kd, project_kd
 from eebench.methods.leebert import LossWeights, leebert_terms, teacher_mask
 from eebench.model.backbone import MultiExitModel
 from eebench.strategy import StepContext, build_strategy, exit_kd_matrix
-from tests.conftest import padded_batch, tiny_model
+from tests.conftest import interrupted_at_step, padded_batch, tiny_model
 from tests.test_training import _train, toy  # noqa: F401 - toy is a fixture
 
 CTX = StepContext(step=0, total_steps=1, epoch=0)
@@ -201,19 +201,7 @@ def test_leebert_trains_its_weights_in_the_trainer_and_resumes_bit_exact(toy, tm
     lw = full.extras["loss_weights"]
     assert not torch.equal(lw.omega_ce, torch.zeros_like(lw.omega_ce))  # Omega learned
     assert res.steps == 2 * 3 and s_full.heldout_batches == 6  # 48 of 96 rows held out; one D2 batch a step
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, "leebert", out=tmp_path / "b", epochs=2, checkpoint_every=2)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, 5, lambda: _train(toy, "leebert", out=tmp_path / "b", epochs=2, checkpoint_every=2))
     resumed, s_res, res = _train(toy, "leebert", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
     assert res.resumed_from_step == 4 and s_res.heldout_batches == 6
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):

@@ -18,6 +18,7 @@ import torch
 
 from eebench.cli import main
 from eebench.runs.results import find_results
+from tests.conftest import interrupted_at_step
 from tests.test_cli import _free_port, _run_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,19 +114,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_a_consistent_checkpoint(toy
 
 
 def _interrupted(toy, out: Path, monkeypatch, at: int = 9):
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == at:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, out=out)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, at, lambda: _train(toy, out=out))
 
 
 @pytest.mark.parametrize("damage", ["truncate-weights", "garbage-state", "truncate-optimizer"])

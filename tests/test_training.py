@@ -1,6 +1,5 @@
 """Trainer: determinism, resume after a kill, losses going down, COSEE range, warnings."""
 
-import json
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from eebench.data import get_task, load_task, tokenize
 from eebench.model.backbone import MultiExitConfig, MultiExitModel
 from eebench.strategy import build_strategy
 from eebench.training.trainer import TrainConfig, Trainer, collapsed_layers, collect_logits, seed_everything
+from tests.conftest import checkpoint_state, interrupted_at_step
 
 
 @pytest.fixture
@@ -63,22 +63,10 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
     full, _, _ = _train(toy, "cosee", out=tmp_path / "a", epochs=2, checkpoint_every=2)
 
     # Kill the second run in the middle of epoch 2 (after optimiser step 9 of 12).
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2)
-    assert calls["n"] == 9  # the kill did happen, after 8 completed steps
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    calls = interrupted_at_step(monkeypatch, 9, lambda: _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2))
+    assert calls == 9  # the kill did happen, after 8 completed steps
     ckpt = tmp_path / "b" / "checkpoint"
-    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    state = checkpoint_state(ckpt)
     assert state["state"]["step"] == 8 and state["state"]["epoch"] == 1  # mid-epoch checkpoint
     assert state["strategy"]["lo"] != 0.0 or state["strategy"]["hi"] != 1.0  # COSEE range after epoch 1
     resumed, _, res = _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
@@ -92,21 +80,9 @@ def test_resume_with_method_modules_and_per_step_objectives(toy, tmp_path, monke
     """BERxiT alternate-lte: its LTE module, its optimiser state and the per-step parity survive a
     kill mid-epoch; the resumed run ends bit for bit where the uninterrupted one does."""
     full, _, _ = _train(toy, "berxit-alternate-lte", out=tmp_path / "a", epochs=2, checkpoint_every=3)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, 10, lambda: _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3))
     ckpt = tmp_path / "b" / "checkpoint"
-    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    state = checkpoint_state(ckpt)
     assert state["state"]["step"] == 9 and state["state"]["micro"] == 3  # an odd micro-batch comes next
     resumed, _, res = _train(toy, "berxit-alternate-lte", out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
     assert res.resumed_from_step == 9
@@ -125,21 +101,9 @@ def test_resume_in_an_earlier_phase_runs_the_later_phases_afresh(toy, tmp_path, 
     with their own optimiser, schedule and method state, bit for bit as in an uninterrupted run
     (it once reloaded the old phase's checkpoint at every later phase start)."""
     full, _, _ = _train(toy, method, out=tmp_path / "a", epochs=2, checkpoint_every=3)
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(toy, method, out=tmp_path / "b", epochs=2, checkpoint_every=3)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted_at_step(monkeypatch, kill_at, lambda: _train(toy, method, out=tmp_path / "b", epochs=2, checkpoint_every=3))
     ckpt = tmp_path / "b" / "checkpoint"
-    state = json.loads((ckpt / json.loads((ckpt / "current.json").read_text())["generation"] / "trainer_state.json").read_text())
+    state = checkpoint_state(ckpt)
     assert (state["state"]["step"], state["state"]["phase"]) == (ckpt_step, ckpt_phase)
     resumed, _, res = _train(toy, method, out=tmp_path / "b", epochs=2, checkpoint_every=3, resume=True)
     assert res.resumed_from_step == ckpt_step and res.steps > 12 * (ckpt_phase + 1)  # through the later phases
