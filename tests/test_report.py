@@ -99,3 +99,29 @@ def test_different_dev_sets_are_refused_unless_a_setting_explains_them(capsys, t
 def test_same_seed_twice_in_one_configuration_is_refused():
     with pytest.raises(EebenchError, match="seed 1 share one configuration"):
         group_cells([cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8)])
+
+
+def test_the_cells_table_lists_every_cell_with_its_cost_machine_and_exit_check(tmp_path):
+    from eebench.reports.report import cells_table
+
+    a, b, c = cell("vanilla", 2, 0.60), cell("vanilla", 1, 0.70), cell("cosee", 1, 0.80)
+    a.training = {"steps": 30, "seconds": 12.4, "resumed_from_step": 10}
+    a.model |= {"device": "cpu", "machine": {"cpu_model": "AMD EPYC", "torch_threads": 1}}
+    b.model |= {"device": "cuda", "machine": {"cpu_model": "Intel Xeon", "torch_threads": 8, "gpu": "NVIDIA H200"}}
+    ok = {"threshold": 0.1, "exit_mismatches": 0, "prediction_mismatches": 0, "n": 48}
+    a.sweeps["energy"].confirm = [ok, ok | {"exit_mismatches": 2, "prediction_mismatches": 1}]
+    b.sweeps["energy"].confirm = [ok]
+    df = cells_table([a, b, c])
+    assert df.index.tolist() == ["vanilla", "vanilla", "cosee"]  # the tables' row order, seeds ascending
+    assert df["seed"].tolist() == [1, 2, 1] and df["cell"].tolist() == [b.cell_id, a.cell_id, c.cell_id]
+    va = df[df["cell"] == a.cell_id].iloc[0]
+    assert (va["final layer accuracy"], va["steps"], va["training s"], va["resumed from step"]) == ("60.0", 30, "12", 10)
+    assert va["trained on"] == "cpu, AMD EPYC, 1 thread(s)"
+    assert va["early exit == simulation"] == "3 mismatches / 2 thresholds"
+    vb = df[df["cell"] == b.cell_id].iloc[0]
+    assert vb["trained on"] == "cuda, NVIDIA H200, Intel Xeon, 8 thread(s)"
+    assert vb["early exit == simulation"] == "0 mismatches / 1 threshold"
+    assert df[df["cell"] == c.cell_id].iloc[0]["early exit == simulation"] == "not confirmed"
+    report([a, b, c], tmp_path)
+    text = (tmp_path / "toy" / "cells.md").read_text()
+    assert "| 60.0 " in text and a.cell_id in text  # written as text: 60.0, not 60

@@ -226,13 +226,46 @@ def layer_table(results: list[CellResult]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
 
 
+def cells_table(results: list[CellResult]) -> pd.DataFrame:
+    """One row per cell, in the tables' order: what a report is made of and where it came from.
+
+    Configuration label, seed, cell id, final-layer dev score (x100), optimiser steps, training
+    seconds (of the last process, when it resumed: ``resumed from step``), the machine and thread
+    count it trained on (numbers are bit-reproducible only on the same kind of CPU), and whether
+    early exit at the confirmed thresholds matched the simulation (mismatches / thresholds)."""
+    rows = []
+    for g in group_cells(results):
+        for r in sorted(g.cells, key=lambda r: r.seed):
+            metric = r.config["main_metric"]
+            mach = r.model.get("machine") or {}
+            where = str(r.model.get("device", "?"))
+            if mach.get("gpu"):
+                where += f", {mach['gpu']}"
+            if mach.get("cpu_model"):
+                where += f", {mach['cpu_model']}, {mach.get('torch_threads', '?')} thread(s)"
+            confirm = [c for sw in r.sweeps.values() for c in sw.confirm]
+            bad = sum(c["exit_mismatches"] + c["prediction_mismatches"] for c in confirm)
+            t = r.training or {}
+            rows.append({"configuration": g.label, "seed": r.seed, "cell": r.cell_id,
+                         f"final layer {metric}": f"{100 * r.layers[-1][metric]:.1f}" if r.layers else "n/a",
+                         "steps": t.get("steps", "n/a"),
+                         "training s": f"{t['seconds']:.0f}" if t.get("seconds") is not None else "n/a",
+                         "resumed from step": t.get("resumed_from_step", 0) or "",
+                         "trained on": where,
+                         "early exit == simulation": (f"{bad} mismatches / {len(confirm)} threshold{'s' * (len(confirm) != 1)}"
+                                                      if confirm else "not confirmed")})
+    df = pd.DataFrame(rows).set_index("configuration")
+    df.attrs["as_text"] = True  # "61.0" stays "61.0" (tabulate would print 61)
+    return df
+
+
 def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "markdown":
-        return df.to_markdown()
+        return df.to_markdown(disable_numparse=bool(df.attrs.get("as_text")))
     if fmt == "latex":
         from tabulate import tabulate
 
-        return tabulate(df, headers="keys", tablefmt="latex_booktabs")
+        return tabulate(df, headers="keys", tablefmt="latex_booktabs", disable_numparse=bool(df.attrs.get("as_text")))
     if fmt == "csv":
         return df.to_csv()
     raise EebenchError(f"unknown format {fmt!r}; known: markdown, latex, csv")
@@ -317,6 +350,8 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 f"oracle {metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it, chosen "
                 "and scored on the same dev set: optimistic)", main_table(rs, speedup))
         tables["layers"] = ("per-layer dev score of each exit classifier", layer_table(rs))
+        tables["cells"] = ("the cells behind these tables: training cost, machine, early exit checked against "
+                           "the simulation", cells_table(rs))
         if held is not None:
             abl = ablation_table(rs, signal, operating=held)
             if len(abl):
