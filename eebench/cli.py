@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="also write tables, plots and the analysis figures (PNG + CSV) into this folder")
     rep.add_argument("--log-mlflow", metavar="URI",
                      help="log the files written under --out to a 'report' run in this MLflow store")
+    rep.add_argument("--reference", default="cosee",
+                     help="configuration label every other one is compared with, paired by seed, in "
+                          "versus_<label>.md (default cosee; labels as in the tables' rows)")
     rep.add_argument("--operating", default="heldout", choices=["heldout", "oracle", "both"],
                      help="operating points: held out (default), oracle (chosen on the scored dev set) or both")
     rep.add_argument("--target-drop", type=float,
@@ -259,7 +262,7 @@ def cmd_report(args) -> None:
         raise EebenchError("--log-mlflow needs --out DIR (the report files are written there, then logged)")
     logits = {} if args.tracking_uri else logits_index(args.results)
     print(report(rs, args.out, args.format, args.speedup, args.signal, args.operating, target, split, logits,
-                 log_to=args.log_mlflow))
+                 log_to=args.log_mlflow, reference=args.reference))
 
 
 def cmd_sweep(args) -> None:

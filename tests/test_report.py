@@ -125,3 +125,24 @@ def test_the_cells_table_lists_every_cell_with_its_cost_machine_and_exit_check(t
     report([a, b, c], tmp_path)
     text = (tmp_path / "toy" / "cells.md").read_text()
     assert "| 60.0 " in text and a.cell_id in text  # written as text: 60.0, not 60
+
+
+def test_versus_pairs_seeds_against_the_reference_and_tests_the_difference(tmp_path):
+    from scipy import stats
+
+    from eebench.reports.report import versus_table
+
+    ref = [cell("cosee", 1, 0.80), cell("cosee", 2, 0.84), cell("cosee", 3, 0.70)]
+    van = [cell("vanilla", 1, 0.75), cell("vanilla", 2, 0.80), cell("vanilla", 3, 0.66)]
+    other = [cell("weighted", 4, 0.99)]  # no seed in common with the reference: nothing to pair
+    full = [cell("final-only", 1, 0.90)]  # a reference row, not a front: left out
+    df = versus_table(ref + van + other + full, "cosee", "energy", speedups=(2.0,))
+    diffs = [-0.05, -0.04, -0.04]
+    p = stats.ttest_rel([0.75, 0.80, 0.66], [0.80, 0.84, 0.70]).pvalue
+    assert df.loc["vanilla / energy", "2x"] == f"-4.3 ± {100 * statistics.stdev(diffs):.1f} (n=3, p={p:.2f})"
+    assert df.loc["weighted / energy", "2x"] == "n/a"
+    assert "cosee / energy" not in df.index and not any(i.startswith("final-only") for i in df.index)
+    assert versus_table(van, "cosee", "energy") is None  # no such configuration: no table
+    assert versus_table(ref + van, "cosee", "entropy") is None  # the reference has no such sweep
+    report(ref + van, tmp_path, operating="oracle", reference="vanilla")
+    assert "cosee / energy" in (tmp_path / "toy" / "versus_vanilla.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -259,6 +260,56 @@ def cells_table(results: list[CellResult]) -> pd.DataFrame:
     return df
 
 
+def versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
+                 speedups=(1.5, 2.0, 3.0, 4.0), operating: HeldOut | None = None) -> pd.DataFrame | None:
+    """Every (configuration, exit signal) against one reference (configuration ``reference`` with
+    ``signal`` exits), paired by seed: the mean ± std over seeds of (its metric - the reference's)
+    at each speed-up (x100), held out when ``operating`` is given, else oracle, with the two-sided
+    p-value of a paired t-test over the seeds (scipy). A seed missing on either side, or a target
+    one side does not reach, drops that pair. Full-model / budget rows (final-only) and fixed
+    operating points have no front to compare at a speed-up and are left out. None when no
+    configuration is labelled ``reference`` or it has no ``signal`` sweep."""
+    from scipy import stats
+
+    groups = [g for g in group_cells(results) if g.method != "final-only"]
+    ref = next((g for g in groups if g.label == reference), None)
+    if ref is None or not any(signal in r.sweeps and not is_fixed(r.sweeps[signal]) for r in ref.cells):
+        return None
+
+    def value(r: CellResult, s: str, x: float) -> float:
+        if s not in r.sweeps or is_fixed(r.sweeps[s]):
+            return float("nan")
+        if operating is None:
+            return _at(r.sweeps[s], r.config["main_metric"], x)
+        got = operating.cell(r, s, Target(speedup=x))
+        return float("nan") if got is None else got[1]
+
+    def cell(g, s: str, x: float) -> str:
+        base = {r.seed: value(r, signal, x) for r in ref.cells}
+        diffs = [value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed) if r.seed in base]
+        diffs = [d for d in diffs if not math.isnan(d)]
+        if not diffs:
+            return "n/a"
+        m = sum(diffs) / len(diffs)
+        if len(diffs) == 1:
+            return f"{100 * m:+.1f} (n=1)"
+        sd = statistics.stdev(diffs)
+        p = stats.ttest_1samp(diffs, 0.0).pvalue if sd > 0 else (1.0 if m == 0 else 0.0)
+        return f"{100 * m:+.1f} ± {100 * sd:.1f} (n={len(diffs)}, p={p:.2f})"
+
+    rows = {}
+    for g in groups:
+        for s in sorted({s for r in g.cells for s, sw in r.sweeps.items() if not is_fixed(sw)}):
+            if g is ref and s == signal:
+                continue
+            rows[f"{g.label} / {s}"] = [cell(g, s, x) for x in speedups]
+    if not rows:
+        return None
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=[f"{x:g}x" for x in speedups])
+    df.index.name = f"configuration / exit signal, minus {reference} / {signal}"
+    return df
+
+
 def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "markdown":
         return df.to_markdown(disable_numparse=bool(df.attrs.get("as_text")))
@@ -308,13 +359,15 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
 
 def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
            signal: str = "energy", operating: str = "heldout", target: Target | None = None,
-           split: SplitSpec | None = None, logits: dict[str, Path] | None = None, log_to: str | None = None) -> str:
+           split: SplitSpec | None = None, logits: dict[str, Path] | None = None, log_to: str | None = None,
+           reference: str = "cosee") -> str:
     """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task.
 
     ``operating``: ``heldout`` (default: thresholds chosen on a calibration part of dev, scored on
     the rest; see ``HeldOut``), ``oracle`` (chosen and scored on the same dev set) or ``both``.
     ``target``: the main table's operating point (default: ``speedup``); ``logits``: where each
-    cell's cached dev logits are (``logits_index``)."""
+    cell's cached dev logits are (``logits_index``); ``reference``: the configuration label every
+    other one is compared with, paired by seed (``versus_table``; no table when no such row)."""
     if not results:
         raise EebenchError("no results to report")
     if operating not in ("heldout", "oracle", "both"):
@@ -361,6 +414,16 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             abl = ablation_table(rs, signal)
             if len(abl):
                 tables[f"ablation_{signal}_oracle"] = (f"oracle ablation ({signal} exits) at several speed-ups", abl)
+        for suffix, how in (([("", f"held out ({held.describe()})")] if held is not None else [])
+                            + ([("_oracle" if held is not None else "", "oracle")]
+                               if held is None or operating == "both" else [])):
+            vs = versus_table(rs, reference, signal, operating=held if how != "oracle" else None)
+            if vs is not None:
+                tables[f"versus_{_file_part(reference)}{suffix}"] = (
+                    f"{how} difference from {reference} with {signal} exits at several speed-ups, paired by seed "
+                    "(x100, mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
+                    "|t| > 4.30 gives p < 0.05, so most real differences read as inside seed noise; with many rows, "
+                    "about one in twenty reaches p < 0.05 by chance)", vs)
         text.append(hdr)
         for name, (caption, df) in tables.items():
             rendered = render(df, fmt)
@@ -419,6 +482,13 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             url = log_report(log_to, task or None, files, Path(out_dir) / task if task else Path(out_dir))
             text.append(f"logged {len(files)} report files to MLflow: {url}")
     return "\n".join(text)
+
+
+def _file_part(label: str) -> str:
+    """A configuration label as part of a file name (letters, digits, '-', '.', '=' kept)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_")
 
 
 def batching_of(r: CellResult) -> str:
