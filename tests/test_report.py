@@ -146,3 +146,17 @@ def test_versus_pairs_seeds_against_the_reference_and_tests_the_difference(tmp_p
     assert versus_table(ref + van, "cosee", "entropy") is None  # the reference has no such sweep
     report(ref + van, tmp_path, operating="oracle", reference="vanilla")
     assert "cosee / energy" in (tmp_path / "toy" / "versus_vanilla.md").read_text()
+
+
+def test_the_cells_table_shows_each_cells_own_held_out_point():
+    from eebench.exits.operating import Target
+    from eebench.reports.report import cells_table
+
+    class Held:  # stands in for HeldOut: (splits, mean, std, speed-up reached) of one cell
+        def cell(self, r, signal, target):
+            return (20, r.layers[-1]["accuracy"], 0.03, 2.5) if r.seed == 1 else None
+
+    df = cells_table([cell("vanilla", 1, 0.6), cell("vanilla", 2, 0.7)], "energy", Held(), Target(speedup=2))
+    col = "held-out accuracy, energy, >= 2x"
+    assert df[col].tolist() == ["60.0 ± 3.0 (2.50x)", "n/a"]  # seed 2: target not reached
+    assert col not in cells_table([cell("vanilla", 1, 0.6)]).columns  # no operating point asked for

@@ -227,13 +227,16 @@ def layer_table(results: list[CellResult]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
 
 
-def cells_table(results: list[CellResult]) -> pd.DataFrame:
+def cells_table(results: list[CellResult], signal: str | None = None, operating: HeldOut | None = None,
+                target: Target | None = None) -> pd.DataFrame:
     """One row per cell, in the tables' order: what a report is made of and where it came from.
 
     Configuration label, seed, cell id, final-layer dev score (x100), optimiser steps, training
     seconds (of the last process, when it resumed: ``resumed from step``), the machine and thread
     count it trained on (numbers are bit-reproducible only on the same kind of CPU), and whether
-    early exit at the confirmed thresholds matched the simulation (mismatches / thresholds)."""
+    early exit at the confirmed thresholds matched the simulation (mismatches / thresholds). With
+    ``signal`` and ``operating``, also each cell's own held-out point for ``target`` (mean ± std
+    over its splits, speed-up reached): the seed-to-seed spread the other tables average over."""
     rows = []
     for g in group_cells(results):
         for r in sorted(g.cells, key=lambda r: r.seed):
@@ -252,6 +255,11 @@ def cells_table(results: list[CellResult]) -> pd.DataFrame:
                          "steps": t.get("steps", "n/a"),
                          "training s": f"{t['seconds']:.0f}" if t.get("seconds") is not None else "n/a",
                          "resumed from step": t.get("resumed_from_step", 0) or "",
+                         **({f"held-out {metric}, {signal}, {_short(target)}": _pooled(
+                             [operating.cell(r, signal, target)] if signal in r.sweeps else [],
+                             fixed_target=target.speedup if signal in r.sweeps and is_fixed(r.sweeps[signal])
+                             and r.method != "final-only" and target.kind == "speedup" else None)}
+                            if signal and operating is not None and target is not None else {}),
                          "trained on": where,
                          "early exit == simulation": (f"{bad} mismatches / {len(confirm)} threshold{'s' * (len(confirm) != 1)}"
                                                       if confirm else "not confirmed")})
@@ -404,7 +412,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 "and scored on the same dev set: optimistic)", main_table(rs, speedup))
         tables["layers"] = ("per-layer dev score of each exit classifier", layer_table(rs))
         tables["cells"] = ("the cells behind these tables: training cost, machine, early exit checked against "
-                           "the simulation", cells_table(rs))
+                           "the simulation", cells_table(rs, signal, held, target))
         if held is not None:
             abl = ablation_table(rs, signal, operating=held)
             if len(abl):
@@ -482,6 +490,13 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             url = log_report(log_to, task or None, files, Path(out_dir) / task if task else Path(out_dir))
             text.append(f"logged {len(files)} report files to MLflow: {url}")
     return "\n".join(text)
+
+
+def _short(target: Target) -> str:
+    """A target in a column header: ">= 2x", "drop 0.01", "eps 0.05 / delta 0.1"."""
+    if target.kind == "speedup":
+        return f">= {target.speedup:g}x"
+    return f"drop {target.drop:g}" if target.kind == "drop" else f"eps {target.epsilon:g} / delta {target.delta:g}"
 
 
 def _file_part(label: str) -> str:
