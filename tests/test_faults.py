@@ -446,3 +446,37 @@ def test_interrupted_run_does_not_leave_its_parent_run_running(tmp_path, tiny_ba
     runs = mlflow.search_runs(experiment_names=["eebench-toy"], output_format="pandas")
     parents = runs[runs["tags.mlflow.parentRunId"].isna()] if "tags.mlflow.parentRunId" in runs else runs
     assert list(parents["status"]) == ["KILLED"]
+
+
+def test_a_cell_whose_process_died_has_its_mlflow_run_closed_when_it_runs_again(tmp_path, tiny_backbone_dir,
+                                                                                 toy_task, monkeypatch):
+    """A process killed outright (SIGTERM, kill -9) cannot close its cell's child run, which would
+    stay RUNNING for ever. The next run of that cell, holding the cell's lock, closes it as KILLED
+    and names its successor; a RUNNING run of the same cell from another folder is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    import eebench.runs.runner as runner
+    from eebench.runs.tracking import Tracker
+
+    out = tmp_path / "runs"
+    args = _run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy")
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # a death that closes nothing: no run is ended
+        m.setattr(runner.Runner, "sweep_cell", die)
+        m.setattr(Tracker, "finish", lambda *a, **k: None)
+        assert main(args) == 130
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eebench-toy").experiment_id
+    (dead,) = client.search_runs([exp], "tags.eebench_cell_id != ''")
+    assert dead.info.status == "RUNNING" and dead.data.tags["eebench_cell_dir"].endswith(dead.data.tags["eebench_cell_id"])
+    elsewhere = client.create_run(exp, tags={**{k: v for k, v in dead.data.tags.items() if k.startswith("eebench_")},
+                                             "eebench_cell_dir": "/another/machine/runs/toy/cell"}).info.run_id
+    assert main(args) == 0
+    runs = {r.info.run_id: r for r in client.search_runs([exp], "tags.eebench_cell_id != ''")}
+    (new,) = [r for r in runs.values() if r.info.status == "FINISHED"]
+    assert runs[dead.info.run_id].info.status == "KILLED"
+    assert runs[dead.info.run_id].data.tags["eebench_superseded_by"] == new.info.run_id
+    assert runs[elsewhere].info.status == "RUNNING" and "eebench_superseded_by" not in runs[elsewhere].data.tags

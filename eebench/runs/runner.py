@@ -512,7 +512,7 @@ class Runner:
                       "precision_requested": cfg.precision, "machine": machine_info(trainer.device)}
         settings = self.settings()
         # The child run lives as long as the cell: opened now, closed when the cell ends.
-        child = self.tracker.open_cell(self.spec.name, parent, cc, settings, info, model_info, h)
+        child = self.tracker.open_cell(self.spec.name, parent, cc, settings, info, model_info, h, cell_dir=d)
         try:
             result = self._train_and_sweep(method, seed, cc, h, d, trainer, model, strategy, tcfg, train_ds, dev_ds,
                                            tok, info, model_info, settings, resuming, t0, protocol)

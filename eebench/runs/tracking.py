@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
@@ -234,21 +235,42 @@ class Tracker:
 
     # -- child runs --------------------------------------------------------------------------
     def open_cell(self, task: str, parent_id: str | None, config: dict, settings: dict, data: dict, model: dict,
-                  cell_id: str, reused: bool = False, start_time: int | None = None) -> str | None:
-        """Create a cell's child run (RUNNING) with its params and tags; returns its id."""
+                  cell_id: str, reused: bool = False, start_time: int | None = None,
+                  cell_dir: Path | None = None) -> str | None:
+        """Create a cell's child run (RUNNING) with its params and tags; returns its id.
+
+        ``cell_dir``: the folder of a cell about to train, whose lock the caller holds. The run is
+        tagged with it and this machine's name, and any earlier run of the same cell with the same
+        tags that is still RUNNING is closed as KILLED (tag ``eebench_superseded_by``): its process
+        died without closing it (SIGTERM, SIGKILL, a lost machine), since a live one would hold the
+        lock. Runs of the same cell from other folders or machines are left alone."""
 
         def open_() -> str:
             exp = self.experiment_id(task)
             tags = {**source_tags(), "eebench_cell_id": cell_id, "method": str(config["method"]),
                     "seed": str(config["seed"]), "eebench_reused": str(reused).lower()}
+            if cell_dir is not None:
+                tags |= {"eebench_cell_dir": str(Path(cell_dir).resolve()), "eebench_host": socket.gethostname()}
             if parent_id:
                 tags["mlflow.parentRunId"] = parent_id
             run = self.client.create_run(exp, run_name=cell_run_name(config, settings), tags=tags,
                                          start_time=start_time)
             self._log_params(run.info.run_id, cell_params(config, settings, data, model))
+            if cell_dir is not None:
+                self._close_orphans(exp, run.info.run_id, tags)
             return run.info.run_id
 
         return self._safe(open_)
+
+    def _close_orphans(self, exp: str, run_id: str, tags: dict) -> None:
+        found = self.client.search_runs(  # a cell id is hex: nothing to quote
+            [exp], filter_string=f"tags.eebench_cell_id = '{tags['eebench_cell_id']}' and attributes.status = 'RUNNING'",
+            max_results=1000)
+        for old in found:
+            same = all(old.data.tags.get(k) == tags[k] for k in ("eebench_cell_dir", "eebench_host"))
+            if same and old.info.run_id != run_id:
+                self.client.set_tag(old.info.run_id, "eebench_superseded_by", run_id)
+                self.client.set_terminated(old.info.run_id, "KILLED")
 
     def log_epoch(self, run_id: str | None, epoch: int, entry: dict) -> None:
         """One epoch's per-layer dev metrics (step = epoch), stamped now, while the cell trains."""
