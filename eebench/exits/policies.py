@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from eebench.errors import EebenchError, UnknownNameError
-from eebench.exits.signals import SIGNALS, Signal, get_signal
+from eebench.exits.signals import SIGNALS, Signal, exit_condition, get_signal
 from eebench.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,9 +69,7 @@ class ExitPolicy:
 
     def meets(self, scores: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
         """Boolean "exit here" for values against thresholds (broadcast)."""
-        if self.higher_is_easier:
-            return scores > thresholds if self.strict else scores >= thresholds
-        return scores < thresholds if self.strict else scores <= thresholds
+        return exit_condition(scores, thresholds, self.higher_is_easier, self.strict)
 
     def scores(self, out: ExitOutput) -> torch.Tensor:
         """Vectorised: values [N, M] of every layer from one pass."""

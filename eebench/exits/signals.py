@@ -8,11 +8,25 @@ class registered with ``@SIGNALS.register("name")``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 from eebench.errors import EebenchError
 from eebench.registry import Registry
+
+#: The exit condition's comparison by (higher_is_easier, strict): ``>`` / ``>=`` when a high value
+#: means easy, else ``<`` / ``<=``. The operators work on tensors and on Python floats alike (the
+#: inference engine's batch-size-1 path compares floats with the same entry).
+EXIT_COMPARE = {(False, True): operator.lt, (False, False): operator.le, (True, True): operator.gt,
+                (True, False): operator.ge}
+
+
+def exit_condition(scores: torch.Tensor, thresholds: torch.Tensor | float, higher_is_easier: bool,
+                   strict: bool) -> torch.Tensor:
+    """The exit condition, the one comparison every signal and exit policy uses: boolean "exit
+    here" for values against thresholds (broadcast)."""
+    return EXIT_COMPARE[(bool(higher_is_easier), bool(strict))](scores, thresholds)
 
 
 class Signal:
@@ -48,9 +62,7 @@ class Signal:
 
     def meets(self, scores: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
         """Boolean "exit here" for scores against thresholds (broadcast)."""
-        if self.higher_is_easier:
-            return scores > thresholds if self.strict else scores >= thresholds
-        return scores < thresholds if self.strict else scores <= thresholds
+        return exit_condition(scores, thresholds, self.higher_is_easier, self.strict)
 
     def check_task(self, num_labels: int) -> None:
         """Raise if the signal cannot be computed for a task with this many outputs."""

@@ -20,7 +20,6 @@ choice is ``eebench.inference.thresholds``, the wall-clock measurement ``eebench
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from eebench.errors import EebenchError
 from eebench.exits.metrics import speedup_ratio
 from eebench.exits.policies import ExitPolicy, SignalPolicy, get_policy
-from eebench.exits.signals import Signal
+from eebench.exits.signals import EXIT_COMPARE, Signal
 from eebench.model.accel import autocast, resolve_precision
 from eebench.model.backbone import MultiExitModel, select_state
 
@@ -136,10 +135,6 @@ class _Slot:
     hstate: tuple | None = None  # the exit combiner's state (GPFEE's past), the same way
 
 
-_PY_COMPARE = {(False, True): operator.lt, (False, False): operator.le, (True, True): operator.gt,
-               (True, False): operator.ge}
-
-
 #: Streaming's default padding-aware split (``length_groups``): a layer's cost grows with the
 #: padded tokens it runs; splitting a batch whose lengths spread widely saves more than the extra
 #: call costs once it removes 5% of them (measured on MiniLM-L6, SST-2 dev, one CPU thread).
@@ -219,7 +214,7 @@ class EarlyExitEngine:
         # policy brings its own ``meets``.
         default_meets = type(self.policy).meets is ExitPolicy.meets or (
             isinstance(self.policy, SignalPolicy) and type(self.policy.signal).meets is Signal.meets)
-        self._py_meets = _PY_COMPARE[(self.policy.higher_is_easier, self.policy.strict)] if default_meets else None
+        self._py_meets = EXIT_COMPARE[(bool(self.policy.higher_is_easier), bool(self.policy.strict))] if default_meets else None
         # Batch size 1 also skips the signal's kernels when its float64 scalar form is clearly on
         # one side of the threshold (``Signal.scalar``): the decision is then the kernels' own.
         self._scalar = None
