@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="also write tables, plots and the analysis figures (PNG + CSV) into this folder")
     rep.add_argument("--log-mlflow", metavar="URI",
                      help="log the files written under --out to a 'report' run in this MLflow store")
-    rep.add_argument("--reference", default="cosee",
+    rep.add_argument("--reference",
                      help="configuration label every other one is compared with, paired by seed, in "
-                          "versus_<label>.md (default cosee; labels as in the tables' rows)")
+                          "versus_<label>.md (default: cosee, when there is such a row; labels as in the tables' rows)")
     rep.add_argument("--operating", default="heldout", choices=["heldout", "oracle", "both"],
                      help="operating points: held out (default), oracle (chosen on the scored dev set) or both")
     rep.add_argument("--target-drop", type=float,

@@ -160,3 +160,11 @@ def test_the_cells_table_shows_each_cells_own_held_out_point():
     col = "held-out accuracy, energy, >= 2x"
     assert df[col].tolist() == ["60.0 ± 3.0 (2.50x)", "n/a"]  # seed 2: target not reached
     assert col not in cells_table([cell("vanilla", 1, 0.6)]).columns  # no operating point asked for
+
+
+def test_an_unknown_reference_is_one_line_naming_the_labels(tmp_path):
+    rs = [cell("cosee", 1, 0.8), cell("vanilla", 1, 0.7)]
+    with pytest.raises(EebenchError, match=r"--reference 'vanila' is no configuration of these results; known: vanilla, cosee"):
+        report(rs, tmp_path, operating="oracle", reference="vanila")
+    report([cell("vanilla", 1, 0.7)], tmp_path / "no-cosee", operating="oracle")  # the default: no cosee row, no table
+    assert not list((tmp_path / "no-cosee").rglob("versus_*"))

@@ -368,16 +368,23 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
 def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
            signal: str = "energy", operating: str = "heldout", target: Target | None = None,
            split: SplitSpec | None = None, logits: dict[str, Path] | None = None, log_to: str | None = None,
-           reference: str = "cosee") -> str:
+           reference: str | None = None) -> str:
     """Every table for every task in ``results``; with ``out_dir``, also files and one Pareto plot per task.
 
     ``operating``: ``heldout`` (default: thresholds chosen on a calibration part of dev, scored on
     the rest; see ``HeldOut``), ``oracle`` (chosen and scored on the same dev set) or ``both``.
     ``target``: the main table's operating point (default: ``speedup``); ``logits``: where each
     cell's cached dev logits are (``logits_index``); ``reference``: the configuration label every
-    other one is compared with, paired by seed (``versus_table``; no table when no such row)."""
+    other one is compared with, paired by seed (``versus_table``); None: ``cosee`` where there is
+    such a row. A reference that labels no row of any task is an error naming the labels."""
     if not results:
         raise EebenchError("no results to report")
+    if reference is not None:
+        labels = [g.label for g in group_cells(results) if g.method != "final-only"]
+        if reference not in labels:
+            raise EebenchError(f"--reference {reference!r} is no configuration of these results; known: "
+                               f"{', '.join(dict.fromkeys(labels))}")
+    reference = reference or "cosee"
     if operating not in ("heldout", "oracle", "both"):
         raise EebenchError(f"unknown --operating {operating!r}; known: heldout, oracle, both")
     target = target or Target(speedup=speedup)
