@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,16 +30,24 @@ from eebench.runs.results import CellResult, SignalSweep, find_results
 ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
 
 
-def _mean_std(xs: list[float]) -> str:
-    """Mean ± sample std (x100) with the number of seeds behind it; "n/a" when none has a value."""
+def _over_seeds(xs: list[float]) -> tuple[float, float | None, int] | None:
+    """(mean, sample std or None for one value, count) of the values that are not NaN; None when none is."""
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
-        return "n/a"
+        return None
     m = sum(xs) / len(xs)
     if len(xs) == 1:
-        return f"{100 * m:.1f} (n=1)"
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{100 * m:.1f} ± {100 * sd:.1f} (n={len(xs)})"
+        return m, None, 1
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, len(xs)
+
+
+def _mean_std(xs: list[float]) -> str:
+    """Mean ± sample std (x100) with the number of seeds behind it; "n/a" when none has a value."""
+    got = _over_seeds(xs)
+    if got is None:
+        return "n/a"
+    m, sd, n = got
+    return f"{100 * m:.1f} (n=1)" if sd is None else f"{100 * m:.1f} ± {100 * sd:.1f} (n={n})"
 
 
 def _at(sw: SignalSweep, metric: str, target: float) -> float:
@@ -294,16 +301,16 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
 
     def cell(g, s: str, x: float) -> str:
         base = {r.seed: value(r, signal, x) for r in ref.cells}
-        diffs = [value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed) if r.seed in base]
-        diffs = [d for d in diffs if not math.isnan(d)]
-        if not diffs:
+        diffs = [d for d in (value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed)
+                             if r.seed in base) if not math.isnan(d)]
+        got = _over_seeds(diffs)
+        if got is None:
             return "n/a"
-        m = sum(diffs) / len(diffs)
-        if len(diffs) == 1:
+        m, sd, n = got
+        if sd is None:
             return f"{100 * m:+.1f} (n=1)"
-        sd = statistics.stdev(diffs)
         p = stats.ttest_1samp(diffs, 0.0).pvalue if sd > 0 else (1.0 if m == 0 else 0.0)
-        return f"{100 * m:+.1f} ± {100 * sd:.1f} (n={len(diffs)}, p={p:.2f})"
+        return f"{100 * m:+.1f} ± {100 * sd:.1f} (n={n}, p={p:.2f})"
 
     rows = {}
     for g in groups:
