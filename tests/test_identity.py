@@ -5,6 +5,7 @@ mismatch is loud (console, result.json, MLflow)."""
 import json
 
 import pytest
+import torch
 
 from eebench.cli import main
 from eebench.errors import EebenchError
@@ -242,3 +243,25 @@ def test_cell_config_json_matches_result_identity(tmp_path, toy_task, tiny_backb
     from eebench.runs.runner import cell_hash
 
     assert cell_hash(r.config) == r.cell_id
+
+
+def test_the_cpu_recipe_is_one_experiment_on_a_gpu_and_on_the_cpu(tmp_path, toy_task, tiny_backbone_dir, monkeypatch):
+    """The study's recipe pins eager attention: run on a CUDA machine, its cells have the identity
+    of the cells the CPUs committed (and are skipped), where "auto" would pick SDPA there and
+    retrain them under another identity."""
+    import eebench.util
+    from eebench.runs.runner import run_config_from
+
+    args = dict(task=str(toy_task), model=str(tiny_backbone_dir), methods=["cosee"], seeds=[1],
+                output=str(tmp_path / "runs"), no_mlflow=True, progress=False)
+    recipe = run_config_from(args, "cpu", [])
+    plain = RunConfig(**args)
+    assert recipe.attn_implementation == "eager"
+
+    def ident(cfg, device):
+        monkeypatch.setattr(eebench.util, "pick_device", lambda _=None: torch.device(device))
+        (_, _, cc, h), = Runner(cfg).cells()
+        return cc["attn_implementation"], h
+
+    assert ident(recipe, "cuda") == ident(recipe, "cpu")
+    assert ident(plain, "cuda")[0] == "sdpa" and ident(plain, "cuda")[1] != ident(plain, "cpu")[1]
