@@ -101,6 +101,9 @@ def test_ablation_curves_average_seeds_with_bands(tmp_path):
     assert at2["n"] == 2
     at3 = df[(df["config"] == "cosee") & (np.isclose(df["speedup"], 3.0))].iloc[0]
     assert at3["metric_mean"] == pytest.approx(0.5) and at3["n"] == 1  # only seed 2 reaches 3x
+    # one seed says nothing about the spread: its std is empty in the CSV, never a reassuring 0
+    assert math.isnan(at3["metric_std"])
+    assert df[df["config"] == "vanilla"]["metric_std"].isna().all()
 
 
 def test_dis_heatmap_and_exit_distribution(tmp_path):

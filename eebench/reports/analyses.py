@@ -35,11 +35,12 @@ ABLATION = ("cosee", "cosee-no-swm", "cosee-no-osc", "vanilla")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample std (0 for one value) and count of the finite values."""
+    """Mean, sample std (NaN for one value: one seed says nothing about the spread) and count of
+    the finite values."""
     xs = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if xs.size == 0:
         return float("nan"), float("nan"), 0
-    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0, int(xs.size)
+    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else math.nan, int(xs.size)
 
 
 def speedup_grid(groups: Sequence[Group], signal: str, n: int = 121) -> np.ndarray:
@@ -91,8 +92,7 @@ def _stack_mean_std(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.
     with np.errstate(all="ignore"):
         mean = np.where(n > 0, np.nansum(a, axis=0) / np.maximum(n, 1), np.nan)
         sq = np.nansum((a - mean) ** 2, axis=0)
-        std = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)), 0.0)
-    std = np.where(n > 0, std, np.nan)
+        std = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)), np.nan)  # one seed: no spread known
     return mean, std, n
 
 
@@ -434,7 +434,7 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
             if s in fixed:
                 xs, ys = np.array(fixed[s]).T
                 frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": [xs.mean()], "metric_mean": [ys.mean()],
-                                            "metric_std": [ys.std(ddof=1) if len(ys) > 1 else 0.0], "n": [len(ys)]}))
+                                            "metric_std": [ys.std(ddof=1) if len(ys) > 1 else np.nan], "n": [len(ys)]}))
                 continue
             frames.append(pd.DataFrame({"config": label, "signal": s, "speedup": grid, "metric_mean": mean,
                                         "metric_std": std, "n": n}))
