@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log the files written under --out to a 'report' run in this MLflow store")
     rep.add_argument("--reference",
                      help="configuration label every other one is compared with, paired by seed, in "
-                          "versus_<label>.md (default: cosee, when there is such a row; labels as in the tables' rows)")
+                          "versus_<label>.md (default: cosee, when there is such a row; labels as in the tables' rows); "
+                          "LABEL/SIGNAL compares with that configuration's SIGNAL front instead of --signal's "
+                          "(versus_<label>_<signal>.md), e.g. cosee-entropy/entropy")
     rep.add_argument("--operating", default="heldout", choices=["heldout", "oracle", "both"],
                      help="operating points: held out (default), oracle (chosen on the scored dev set) or both")
     rep.add_argument("--target-drop", type=float,

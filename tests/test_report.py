@@ -168,3 +168,23 @@ def test_an_unknown_reference_is_one_line_naming_the_labels(tmp_path):
         report(rs, tmp_path, operating="oracle", reference="vanila")
     report([cell("vanilla", 1, 0.7)], tmp_path / "no-cosee", operating="oracle")  # the default: no cosee row, no table
     assert not list((tmp_path / "no-cosee").rglob("versus_*"))
+    with pytest.raises(EebenchError, match=r"--reference 'cosee/entropy': cosee has no 'entropy' front; its signals: energy"):
+        report(rs, tmp_path, operating="oracle", reference="cosee/entropy")
+
+
+def test_a_reference_can_name_its_own_exit_signal(tmp_path):
+    """--reference LABEL/SIGNAL: e.g. cosee-softmax with softmax exits against cosee-entropy with
+    entropy exits (the paper's Figs. 8-9 compare each signal under COSEE trained with it)."""
+    def with_entropy(c, acc):
+        pts = [dict(p, accuracy=acc if p["speedup"] == 2.0 else p["accuracy"]) for p in c.sweeps["energy"].points]
+        c.sweeps["entropy"] = SignalSweep(signal="entropy", points=pts, summary={})
+        return c
+
+    rs = [with_entropy(cell("cosee", s, 0.8), 0.7 + s / 100) for s in (1, 2)] + [cell("vanilla", s, 0.75) for s in (1, 2)]
+    report(rs, tmp_path, operating="oracle", reference="cosee/entropy")
+    text = (tmp_path / "toy" / "versus_cosee_entropy.md").read_text()
+    assert "minus cosee / entropy" in text and "with entropy exits" not in text  # the index names the reference
+    row = next(line for line in text.splitlines() if line.startswith("| vanilla / energy"))
+    assert "+3.5 ± 0.7 (n=2" in row  # 0.75 - (0.71, 0.72)
+    rows = [line.split("|")[1].strip() for line in text.splitlines()[2:]]
+    assert rows == ["vanilla / energy", "cosee / energy"]  # the reference itself is no row

@@ -325,6 +325,27 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
     return df
 
 
+def _reference(results: list[CellResult], reference: str | None, signal: str) -> tuple[str, str]:
+    """(configuration label, exit signal) of ``--reference LABEL[/SIGNAL]``: the signal defaults to
+    the report's; None means cosee. A label or signal the results lack is one line naming those
+    they have."""
+    if reference is None:
+        return "cosee", signal
+    groups = [g for g in group_cells(results) if g.method != "final-only"]
+    labels = list(dict.fromkeys(g.label for g in groups))
+    if reference in labels:
+        return reference, signal
+    label, _, sig = reference.rpartition("/")
+    if label not in labels:
+        raise EebenchError(f"--reference {reference!r} is no configuration of these results; known: "
+                           f"{', '.join(labels)} (each optionally /SIGNAL, e.g. cosee/entropy)")
+    have = sorted({s for g in groups if g.label == label for r in g.cells for s, sw in r.sweeps.items()
+                   if not is_fixed(sw)})
+    if sig not in have:
+        raise EebenchError(f"--reference {reference!r}: {label} has no {sig!r} front; its signals: {', '.join(have)}")
+    return label, sig
+
+
 def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "markdown":
         return df.to_markdown(disable_numparse=bool(df.attrs.get("as_text")))
@@ -382,16 +403,12 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
     the rest; see ``HeldOut``), ``oracle`` (chosen and scored on the same dev set) or ``both``.
     ``target``: the main table's operating point (default: ``speedup``); ``logits``: where each
     cell's cached dev logits are (``logits_index``); ``reference``: the configuration label every
-    other one is compared with, paired by seed (``versus_table``); None: ``cosee`` where there is
-    such a row. A reference that labels no row of any task is an error naming the labels."""
+    other one is compared with, paired by seed (``versus_table``), with ``signal`` exits or, as
+    ``LABEL/SIGNAL``, with that signal's; None: ``cosee`` where there is such a row. A reference
+    that labels no row of any task is an error naming the labels."""
     if not results:
         raise EebenchError("no results to report")
-    if reference is not None:
-        labels = [g.label for g in group_cells(results) if g.method != "final-only"]
-        if reference not in labels:
-            raise EebenchError(f"--reference {reference!r} is no configuration of these results; known: "
-                               f"{', '.join(dict.fromkeys(labels))}")
-    reference = reference or "cosee"
+    reference, ref_signal = _reference(results, reference, signal)
     if operating not in ("heldout", "oracle", "both"):
         raise EebenchError(f"unknown --operating {operating!r}; known: heldout, oracle, both")
     target = target or Target(speedup=speedup)
@@ -439,10 +456,11 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         for suffix, how in (([("", f"held out ({held.describe()})")] if held is not None else [])
                             + ([("_oracle" if held is not None else "", "oracle")]
                                if held is None or operating == "both" else [])):
-            vs = versus_table(rs, reference, signal, operating=held if how != "oracle" else None)
+            vs = versus_table(rs, reference, ref_signal, operating=held if how != "oracle" else None)
             if vs is not None:
-                tables[f"versus_{_file_part(reference)}{suffix}"] = (
-                    f"{how} difference from {reference} with {signal} exits at several speed-ups, paired by seed "
+                name = _file_part(reference) + (f"_{_file_part(ref_signal)}" if ref_signal != signal else "")
+                tables[f"versus_{name}{suffix}"] = (
+                    f"{how} difference from {reference} with {ref_signal} exits at several speed-ups, paired by seed "
                     "(x100, mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
                     "|t| > 4.30 gives p < 0.05, so most real differences read as inside seed noise; with many rows, "
                     "about one in twenty reaches p < 0.05 by chance)", vs)
