@@ -12,6 +12,7 @@ import pandas as pd
 from eebench.errors import EebenchError
 from eebench.exits.operating import SplitSpec, Target
 from eebench.exits.rule import metric_at_speedup
+from eebench.reports.analyses import _mean_std as _seed_mean_std
 from eebench.reports.grouping import group_cells  # noqa: F401 - re-exported
 from eebench.runs.plots import (  # noqa: F401 - re-exported: the report's plots and sweep tables
     FIXED_POINT_MATCH,
@@ -31,14 +32,13 @@ ABLATION = ["cosee", "cosee-no-swm", "cosee-no-osc", "vanilla"]
 
 
 def _over_seeds(xs: list[float]) -> tuple[float, float | None, int] | None:
-    """(mean, sample std or None for one value, count) of the values that are not NaN; None when none is."""
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
+    """(mean, sample std or None for one value, count) of the values that are not NaN; None when
+    none is. The statistic is the analyses' (``analyses._mean_std``), so the tables and the CSVs
+    behind the figures cannot drift apart."""
+    m, sd, n = _seed_mean_std(xs)
+    if n == 0:
         return None
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return m, None, 1
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5, len(xs)
+    return m, (None if n == 1 else sd), n
 
 
 def _mean_std(xs: list[float]) -> str:
