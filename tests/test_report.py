@@ -162,6 +162,18 @@ def test_the_cells_table_shows_each_cells_own_held_out_point():
     assert col not in cells_table([cell("vanilla", 1, 0.6)]).columns  # no operating point asked for
 
 
+def test_one_value_is_shown_without_a_spread():
+    from eebench.exits.operating import Target
+    from eebench.reports.report import HeldOut, cells_table
+
+    # a final-only cell: nothing is chosen, so its held-out point is one value, not a mean of splits
+    fo = cell("final-only", 1, 0.8)
+    df = cells_table([fo], "energy", HeldOut(), Target(speedup=2))
+    assert df["held-out accuracy, energy, >= 2x"].tolist() == ["70.0 (1.00x)"]  # its one point (the helper's)
+    two = main_table([fo, cell("final-only", 2, 0.7)], 2.0, HeldOut())
+    assert two.loc["final-only", "energy"].startswith(f"65.0 ± {100 * statistics.stdev([0.7, 0.6]):.1f} (")
+
+
 def test_an_unknown_reference_is_one_line_naming_the_labels(tmp_path):
     rs = [cell("cosee", 1, 0.8), cell("vanilla", 1, 0.7)]
     with pytest.raises(EebenchError, match=r"--reference 'vanila' is no configuration of these results; known: vanilla, cosee"):

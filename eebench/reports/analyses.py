@@ -208,7 +208,7 @@ def ablation_curves(groups: Sequence[Group], out: Path, signal: str = "energy", 
     ax.set_ylabel(f"dev {metric} (x100), best point at >= x")
     ax.set_title(f"{task}: ablation of COSEE ({signal} exits); bands: ± 1 std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     return [_save(fig, out / f"ablation_{signal}.png"), _save_csv(df, out / f"ablation_{signal}.csv")]
 
@@ -294,7 +294,7 @@ def training_curves(groups: Sequence[Group], out: Path, task: str = "") -> list[
         ax.set_xlabel("epoch (phase by phase)")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(f"dev {metric} (x100)")
-    axes[0, 0].legend(fontsize=7)
+    _legend(axes[0, 0])
     fig.suptitle(f"{task}: per-layer dev {metric} during training", fontsize=10)
     fig.tight_layout()
     return [_save(fig, out / "training_curves.png"), _save_csv(df, out / "training_curves.csv")]
@@ -355,10 +355,16 @@ def exit_distribution(groups: Sequence[Group], out: Path, signal: str = "energy"
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].set_ylabel("% of the label's dev samples")
-    axes[0, 0].legend(fontsize=7)
+    _legend(axes[0, 0])
     fig.suptitle(f"{task}: exit layers by gold label, {signal} exits at the threshold nearest {target:g}x", fontsize=10)
     fig.tight_layout()
     return [_save(fig, out / f"exit_distribution_{signal}.png"), _save_csv(df, out / f"exit_distribution_{signal}.csv")]
+
+
+def _legend(ax) -> None:
+    """A legend when something labelled was drawn (a task whose curves are all empty draws none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def exit_rates(groups: Sequence[Group], out: Path, signal: str = "energy", task: str = "") -> list[Path]:
@@ -378,7 +384,7 @@ def exit_rates(groups: Sequence[Group], out: Path, signal: str = "energy", task:
         ax.set_xlabel("speed-up (layers, Eq. 12)")
         ax.set_ylabel(f"{what} exiting rate (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0])
     fig.suptitle(f"{task}: premature and delayed exits, {signal} (lower is better; bands: ± 1 std over seeds)",
                  fontsize=10)
     fig.tight_layout()
@@ -455,7 +461,7 @@ def signals_compared(groups: Sequence[Group], out: Path, task: str = "") -> list
         ax.set_title(f"{label} (n={len(cells)})", fontsize=8)
         ax.set_xlabel("speed-up (layers, Eq. 12)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax)
     axes[0, 0].set_ylabel(f"dev {_metric(sel[0][1])} (x100)")
     fig.suptitle(f"{task}: exit signals compared under each training method", fontsize=10)
     fig.tight_layout()

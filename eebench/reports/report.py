@@ -141,11 +141,12 @@ def _pooled(parts: list, fixed_target: float | None = None) -> str:
     n = sum(p[0] for p in parts)
     m = sum(p[0] * p[1] for p in parts) / n
     ss = sum((p[0] - 1) * p[2] ** 2 + p[0] * (p[1] - m) ** 2 for p in parts)
-    sd = (ss / (n - 1)) ** 0.5 if n > 1 else 0.0
     sp = sum(p[0] * p[3] for p in parts) / n
+    # one value (a final-only cell: nothing is chosen, so there is no split to vary) has no spread
+    head = f"{100 * m:.1f}" if n == 1 else f"{100 * m:.1f} ± {100 * (ss / (n - 1)) ** 0.5:.1f}"
     if fixed_target is not None:
-        return f"{100 * m:.1f} ± {100 * sd:.1f} ({fixed_note(sp, fixed_target)})"
-    return f"{100 * m:.1f} ± {100 * sd:.1f} ({sp:.2f}x)"
+        return f"{head} ({fixed_note(sp, fixed_target)})"
+    return f"{head} ({sp:.2f}x)"
 
 
 def logits_index(root: str | Path | None) -> dict[str, Path]:
