@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
 from eebench.errors import EebenchError
 
@@ -325,18 +326,37 @@ def cmd_bench(args) -> None:
                attn_implementation=args.attn_implementation, held=held, split_gain=args.split_gain)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit, a session that ends), handled as Ctrl-C:
+    the interrupted cell's and the command's MLflow runs are closed as KILLED instead of staying
+    RUNNING for ever, and the exit status is the shell's 128 + 15."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # only the main thread may install handlers (main() called from a worker thread keeps the default)
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles else None
     try:
         {"list": lambda: cmd_list(args), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
          "sweep": lambda: cmd_sweep(args), "log": lambda: cmd_log(args), "bench": lambda: cmd_bench(args), "tune": lambda: cmd_tune(args)}[args.command]()
     except EebenchError as e:
         print(f"eebench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eebench: interrupted; finished cells are kept and the next run resumes the rest", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"eebench: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished cells are kept "
+              "and the next run resumes the rest", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

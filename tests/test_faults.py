@@ -448,6 +448,37 @@ def test_interrupted_run_does_not_leave_its_parent_run_running(tmp_path, tiny_ba
     assert list(parents["status"]) == ["KILLED"]
 
 
+def test_sigterm_closes_the_cell_and_parent_runs_as_killed(tmp_path, tiny_backbone_dir, toy_task, monkeypatch, capsys):
+    """``kill`` (a scheduler's limit, a session that ends) used to leave both MLflow runs RUNNING."""
+    import signal
+
+    import mlflow
+
+    import eebench.runs.runner as runner
+
+    def killed(*a, **k):  # a real SIGTERM to this process, in the middle of a cell
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    def unhandled(*a):  # without eebench's handler the signal lands here (instead of killing pytest)
+        raise RuntimeError("eebench did not handle SIGTERM")
+
+    monkeypatch.setattr(runner.Runner, "sweep_cell", killed)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "runs"
+        assert main(_run_args(toy_task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy")) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the handler is the command's only
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "eebench: terminated; finished cells are kept" in capsys.readouterr().err
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eebench-toy"], output_format="pandas")
+    assert sorted(runs["status"]) == ["KILLED", "KILLED"]  # the cell's run and the command's
+    assert not list(out.rglob("result.json"))
+
+
 def test_a_cell_whose_process_died_has_its_mlflow_run_closed_when_it_runs_again(tmp_path, tiny_backbone_dir,
                                                                                  toy_task, monkeypatch):
     """A process killed outright (SIGTERM, kill -9) cannot close its cell's child run, which would
