@@ -139,7 +139,8 @@ def test_versus_pairs_seeds_against_the_reference_and_tests_the_difference(tmp_p
     df = versus_table(ref + van + other + full, "cosee", "energy", speedups=(2.0,))
     diffs = [-0.05, -0.04, -0.04]
     p = stats.ttest_rel([0.75, 0.80, 0.66], [0.80, 0.84, 0.70]).pvalue
-    assert df.loc["vanilla / energy", "2x"] == f"-4.3 ± {100 * statistics.stdev(diffs):.1f} (n=3, p={p:.2f})"
+    # the only test of the table: Holm's adjustment leaves its p as it is
+    assert df.loc["vanilla / energy", "2x"] == f"-4.3 ± {100 * statistics.stdev(diffs):.1f} (n=3, p={p:.2f}, Holm {p:.2f})"
     assert df.loc["weighted / energy", "2x"] == "n/a"
     assert "cosee / energy" not in df.index and not any(i.startswith("final-only") for i in df.index)
     assert versus_table(van, "cosee", "energy") is None  # no such configuration: no table
@@ -200,3 +201,59 @@ def test_a_reference_can_name_its_own_exit_signal(tmp_path):
     assert "+3.5 ± 0.7 (n=2" in row  # 0.75 - (0.71, 0.72)
     rows = [line.split("|")[1].strip() for line in text.splitlines()[2:]]
     assert rows == ["vanilla / energy", "cosee / energy"]  # the reference itself is no row
+
+
+def test_holm_multiplies_the_kth_smallest_p_by_the_tests_left_and_keeps_the_order():
+    from eebench.reports.report import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # .04 x 1 < .03 x 2: made monotone
+    assert holm([0.5, 0.01]) == pytest.approx([0.5, 0.02])
+    assert holm([0.4, 0.3, 0.9]) == pytest.approx([0.9, 0.9, 0.9])  # capped at 1, then monotone
+    assert holm([]) == []
+
+
+def _with_dis_and_rates(c, dis, premature, delayed):
+    """``c`` with DIS per layer and, on its two swept points (1x, 2x), premature / delayed rates."""
+    sw = c.sweeps["energy"]
+    sw.dis = dis
+    for p, pre, dl in zip(sw.points, premature, delayed, strict=True):
+        p["premature_rate"], p["delayed_rate"] = pre, dl
+    return c
+
+
+def test_dis_and_exit_rates_are_compared_with_the_reference_paired_by_seed_with_holm(tmp_path):
+    from scipy import stats
+
+    from eebench.reports.report import dis_versus_table, exit_rates_versus_table, holm
+
+    # points are listed 1x (threshold 0.5) then 2x (threshold 0.1); the final layer has no DIS
+    ref = [_with_dis_and_rates(cell("cosee", s, 0.8), [0.70 + s / 100, 0.6, 0.8, None], [0.0, 0.10 + s / 100], [0.5, 0.3])
+           for s in (1, 2, 3)]
+    van = [_with_dis_and_rates(cell("vanilla", s, 0.7), [0.57 + s / 20, 0.6, 0.7, None], [0.0, 0.20], [0.5, 0.4 + s / 100])
+           for s in (1, 2, 3)]
+    full = [cell("final-only", 1, 0.9)]
+    dis = dis_versus_table(ref + van + full, "cosee", "energy")
+    d1 = [(0.57 + s / 20) - (0.70 + s / 100) for s in (1, 2, 3)]  # -0.09, -0.05, -0.01
+    d3 = [-0.1] * 3
+    p1 = stats.ttest_1samp(d1, 0.0).pvalue
+    p_adj = holm([p1, 1.0, 0.0])  # layer 2: no difference at all (p = 1); layer 3: the same -0.1 on every seed (p = 0)
+    assert list(dis.columns) == ["L1", "L2", "L3"] and list(dis.index) == ["vanilla"]
+    assert f"{p1:.2f}" == "0.16" and f"{p_adj[0]:.2f}" == "0.33"  # second smallest of three: times 2
+    assert dis.loc["vanilla", "L1"] == f"-0.050 ± {statistics.stdev(d1):.3f} (n=3, p=0.16, Holm 0.33)"
+    assert dis.loc["vanilla", "L2"] == "+0.000 ± 0.000 (n=3, p=1.00, Holm 1.00)"
+    assert dis.loc["vanilla", "L3"].startswith(f"{d3[0]:+.3f} ± 0.000 (n=3, p=0.00")
+
+    rates = exit_rates_versus_table(ref + van + full, "cosee", "energy", speedups=(1.5, 2.0, 3.0))
+    pre_2x = [0.20 - (0.10 + s / 100) for s in (1, 2, 3)]  # 0.09, 0.08, 0.07
+    pre_15x = [d / 2 for d in pre_2x]  # halfway between 1x (0.0 for both) and 2x
+    assert list(rates.index) == ["vanilla / premature", "vanilla / delayed"]
+    assert rates.loc["vanilla / premature", "2x"].startswith(f"+8.0 ± {100 * statistics.stdev(pre_2x):.1f} (n=3, p=")
+    assert rates.loc["vanilla / premature", "1.5x"].startswith(f"+4.0 ± {100 * statistics.stdev(pre_15x):.1f} (n=3")
+    assert rates.loc["vanilla / delayed", "2x"].startswith("+12.0 ± 1.0 (n=3")  # 0.4 + s/100 - 0.3
+    assert rates.loc["vanilla / premature", "3x"] == "n/a"  # beyond either side's fastest point
+
+    report(ref + van + full, tmp_path, operating="oracle")
+    assert "vanilla" in (tmp_path / "toy" / "dis_versus_cosee.md").read_text()
+    assert "vanilla / delayed" in (tmp_path / "toy" / "exit_rates_versus_cosee.md").read_text()
+    assert dis_versus_table(van, "cosee", "energy") is None  # no reference row, no table
+    assert exit_rates_versus_table([cell("cosee", 1, 0.8), cell("vanilla", 1, 0.7)], "cosee", "energy") is None  # no rates

@@ -276,20 +276,82 @@ def cells_table(results: list[CellResult], signal: str | None = None, operating:
     return df
 
 
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (one family: every test of one table), in their
+    order: the k-th smallest p times (m - k + 1), made monotone and capped at 1. It controls the
+    chance of any false "p < 0.05" in the family, where a table of dozens of raw p-values gives
+    one or two by chance."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [1.0] * len(pvalues), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - k) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def _paired_frame(rows: dict[str, list[list[float]]], columns: list[str], index_name: str,
+                  scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
+    """Paired differences (one list per row and column, one value per seed) as "mean ± std (n, p,
+    Holm)": the two-sided p of a one-sample t-test of the differences against 0 (scipy; the paired
+    t-test of the two sides), and the same p adjusted by ``holm`` over every test of the table.
+    A difference seen on one seed has no p; no difference at all is "n/a"."""
+    from scipy import stats
+
+    def test(diffs: list[float]):
+        got = _over_seeds(diffs)
+        if got is None:
+            return None
+        m, sd, n = got
+        p = None if sd is None else stats.ttest_1samp(diffs, 0.0).pvalue if sd > 0 else (1.0 if m == 0 else 0.0)
+        return m, sd, n, p
+
+    tested = {k: [test(d) for d in v] for k, v in rows.items()}
+    adjusted = iter(holm([t[3] for v in tested.values() for t in v if t is not None and t[3] is not None]))
+    out = {}
+    for k, v in tested.items():
+        cells = []
+        for t in v:  # the same order as the p-values handed to holm
+            if t is None:
+                cells.append("n/a")
+                continue
+            m, sd, n, p = t
+            head = f"{scale * m:+.{digits}f}"
+            cells.append(f"{head} (n=1)" if p is None
+                         else f"{head} ± {scale * sd:.{digits}f} (n={n}, p={p:.2f}, Holm {next(adjusted):.2f})")
+        out[k] = cells
+    df = pd.DataFrame.from_dict(out, orient="index", columns=columns)
+    df.index.name = index_name
+    return df
+
+
+PAIRED_NOTE = ("paired by seed (mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
+               "|t| > 4.30 gives p < 0.05; Holm: that p adjusted for every test of this table, by Holm's "
+               "step-down method: of many raw p-values about one in twenty is below 0.05 by chance, the "
+               "adjusted one is below 0.05 only when some difference is real at that level)")
+
+
+def _fronts(results: list[CellResult], reference: str, signal: str):
+    """The groups that have an exit front (final-only rows are a full model or a budget, not a
+    front) and the one labelled ``reference``; None when there is no such group."""
+    groups = [g for g in group_cells(results) if g.method != "final-only"]
+    ref = next((g for g in groups if g.label == reference), None)
+    return (groups, ref) if ref is not None else None
+
+
 def versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
                  speedups=(1.5, 2.0, 3.0, 4.0), operating: HeldOut | None = None) -> pd.DataFrame | None:
     """Every (configuration, exit signal) against one reference (configuration ``reference`` with
     ``signal`` exits), paired by seed: the mean ± std over seeds of (its metric - the reference's)
     at each speed-up (x100), held out when ``operating`` is given, else oracle, with the two-sided
-    p-value of a paired t-test over the seeds (scipy). A seed missing on either side, or a target
-    one side does not reach, drops that pair. Full-model / budget rows (final-only) and fixed
-    operating points have no front to compare at a speed-up and are left out. None when no
-    configuration is labelled ``reference`` or it has no ``signal`` sweep."""
-    from scipy import stats
-
-    groups = [g for g in group_cells(results) if g.method != "final-only"]
-    ref = next((g for g in groups if g.label == reference), None)
-    if ref is None or not any(signal in r.sweeps and not is_fixed(r.sweeps[signal]) for r in ref.cells):
+    p-value of a paired t-test over the seeds (scipy) and its Holm adjustment (``_paired_frame``).
+    A seed missing on either side, or a target one side does not reach, drops that pair. Full-model
+    / budget rows (final-only) and fixed operating points have no front to compare at a speed-up and
+    are left out. None when no configuration is labelled ``reference`` or it has no ``signal`` sweep."""
+    got = _fronts(results, reference, signal)
+    if got is None:
+        return None
+    groups, ref = got
+    if not any(signal in r.sweeps and not is_fixed(r.sweeps[signal]) for r in ref.cells):
         return None
 
     def value(r: CellResult, s: str, x: float) -> float:
@@ -300,30 +362,89 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
         got = operating.cell(r, s, Target(speedup=x))
         return float("nan") if got is None else got[1]
 
-    def cell(g, s: str, x: float) -> str:
+    def diffs(g, s: str, x: float) -> list[float]:
         base = {r.seed: value(r, signal, x) for r in ref.cells}
-        diffs = [d for d in (value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed)
-                             if r.seed in base) if not math.isnan(d)]
-        got = _over_seeds(diffs)
-        if got is None:
-            return "n/a"
-        m, sd, n = got
-        if sd is None:
-            return f"{100 * m:+.1f} (n=1)"
-        p = stats.ttest_1samp(diffs, 0.0).pvalue if sd > 0 else (1.0 if m == 0 else 0.0)
-        return f"{100 * m:+.1f} ± {100 * sd:.1f} (n={n}, p={p:.2f})"
+        return [d for d in (value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed)
+                            if r.seed in base) if not math.isnan(d)]
 
     rows = {}
     for g in groups:
         for s in sorted({s for r in g.cells for s, sw in r.sweeps.items() if not is_fixed(sw)}):
             if g is ref and s == signal:
                 continue
-            rows[f"{g.label} / {s}"] = [cell(g, s, x) for x in speedups]
+            rows[f"{g.label} / {s}"] = [diffs(g, s, x) for x in speedups]
     if not rows:
         return None
-    df = pd.DataFrame.from_dict(rows, orient="index", columns=[f"{x:g}x" for x in speedups])
-    df.index.name = f"configuration / exit signal, minus {reference} / {signal}"
-    return df
+    return _paired_frame(rows, [f"{x:g}x" for x in speedups],
+                         f"configuration / exit signal, minus {reference} / {signal}")
+
+
+def dis_versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy") -> pd.DataFrame | None:
+    """The difficulty inversion score (DIS, Fig. 5) of every configuration's internal layers minus
+    the reference's, both with ``signal`` exits, paired by seed (``_paired_frame``; DIS is a
+    fraction, shown with three decimals). None when the reference has no DIS for ``signal``."""
+    got = _fronts(results, reference, signal)
+    if got is None:
+        return None
+    groups, ref = got
+    base = {r.seed: r.sweeps[signal].dis for r in ref.cells if signal in r.sweeps and r.sweeps[signal].dis}
+    if not base:
+        return None
+    layers = max(len(d) for d in base.values()) - 1  # the final layer never exits: no DIS
+
+    def diffs(g, layer: int) -> list[float]:
+        out = []
+        for r in sorted(g.cells, key=lambda r: r.seed):
+            d, b = (r.sweeps[signal].dis if signal in r.sweeps else []), base.get(r.seed)
+            if b and len(d) == len(b) and d[layer] is not None and b[layer] is not None:
+                out.append(d[layer] - b[layer])
+        return out
+
+    rows = {g.label: [diffs(g, i) for i in range(layers)] for g in groups if g is not ref}
+    rows = {k: v for k, v in rows.items() if any(v)}
+    if not rows:
+        return None
+    return _paired_frame(rows, [f"L{i + 1}" for i in range(layers)],
+                         f"configuration, DIS minus {reference}'s ({signal} exits)", scale=1.0, digits=3)
+
+
+def exit_rates_versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
+                            speedups=(1.5, 2.0, 3.0, 4.0)) -> pd.DataFrame | None:
+    """Premature and delayed exiting rates (Fig. 11; x100, on the whole dev set) of every
+    configuration minus the reference's at each speed-up, both with ``signal`` exits, paired by
+    seed (``_paired_frame``). A rate at a speed-up is read off the cell's swept points by linear
+    interpolation (``analyses.rate_curve``, the curve the figure draws); a speed-up one side never
+    reaches drops that pair. None when the reference has no such rates."""
+    import numpy as np
+
+    from eebench.reports.analyses import rate_curve
+
+    got = _fronts(results, reference, signal)
+    if got is None:
+        return None
+    groups, ref = got
+    grid = np.asarray(speedups, dtype=float)
+
+    def curves(g, key: str) -> dict[int, np.ndarray]:
+        return {r.seed: rate_curve(r, signal, key, grid) for r in g.cells if signal in r.sweeps}
+
+    rows = {}
+    for key, what in (("premature_rate", "premature"), ("delayed_rate", "delayed")):
+        base = curves(ref, key)
+        if not any(np.isfinite(v).any() for v in base.values()):
+            continue
+        for g in groups:
+            if g is ref:
+                continue
+            mine = curves(g, key)
+            cols = [[float(v[j] - base[s][j]) for s, v in sorted(mine.items())
+                     if s in base and np.isfinite(v[j]) and np.isfinite(base[s][j])] for j in range(len(grid))]
+            if any(cols):
+                rows[f"{g.label} / {what}"] = cols
+    if not rows:
+        return None
+    return _paired_frame(rows, [f"{x:g}x" for x in speedups],
+                         f"configuration / exit rate, minus {reference}'s ({signal} exits)")
 
 
 def _reference(results: list[CellResult], reference: str | None, signal: str) -> tuple[str, str]:
@@ -454,17 +575,25 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             abl = ablation_table(rs, signal)
             if len(abl):
                 tables[f"ablation_{signal}_oracle"] = (f"oracle ablation ({signal} exits) at several speed-ups", abl)
+        ref_name = _file_part(reference) + (f"_{_file_part(ref_signal)}" if ref_signal != signal else "")
         for suffix, how in (([("", f"held out ({held.describe()})")] if held is not None else [])
                             + ([("_oracle" if held is not None else "", "oracle")]
                                if held is None or operating == "both" else [])):
             vs = versus_table(rs, reference, ref_signal, operating=held if how != "oracle" else None)
             if vs is not None:
-                name = _file_part(reference) + (f"_{_file_part(ref_signal)}" if ref_signal != signal else "")
-                tables[f"versus_{name}{suffix}"] = (
-                    f"{how} difference from {reference} with {ref_signal} exits at several speed-ups, paired by seed "
-                    "(x100, mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
-                    "|t| > 4.30 gives p < 0.05, so most real differences read as inside seed noise; with many rows, "
-                    "about one in twenty reaches p < 0.05 by chance)", vs)
+                tables[f"versus_{ref_name}{suffix}"] = (
+                    f"{how} difference from {reference} with {ref_signal} exits at several speed-ups (x100), "
+                    f"{PAIRED_NOTE}", vs)
+        dis = dis_versus_table(rs, reference, ref_signal)
+        if dis is not None:
+            tables[f"dis_versus_{ref_name}"] = (
+                f"difficulty inversion score (Fig. 5) of each internal layer minus {reference}'s, {ref_signal} exits, "
+                f"{PAIRED_NOTE}", dis)
+        rates = exit_rates_versus_table(rs, reference, ref_signal)
+        if rates is not None:
+            tables[f"exit_rates_versus_{ref_name}"] = (
+                f"premature and delayed exiting rates (Fig. 11; x100, whole dev set, lower is better) minus "
+                f"{reference}'s at several speed-ups, {ref_signal} exits, {PAIRED_NOTE}", rates)
         text.append(hdr)
         for name, (caption, df) in tables.items():
             rendered = render(df, fmt)
