@@ -330,7 +330,7 @@ PAIRED_NOTE = ("paired by seed (mean ± std over seeds; p: two-sided paired t-te
                "adjusted one is below 0.05 only when some difference is real at that level)")
 
 
-def _fronts(results: list[CellResult], reference: str, signal: str):
+def _fronts(results: list[CellResult], reference: str):
     """The groups that have an exit front (final-only rows are a full model or a budget, not a
     front) and the one labelled ``reference``; None when there is no such group."""
     groups = [g for g in group_cells(results) if g.method != "final-only"]
@@ -347,7 +347,7 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
     A seed missing on either side, or a target one side does not reach, drops that pair. Full-model
     / budget rows (final-only) and fixed operating points have no front to compare at a speed-up and
     are left out. None when no configuration is labelled ``reference`` or it has no ``signal`` sweep."""
-    got = _fronts(results, reference, signal)
+    got = _fronts(results, reference)
     if got is None:
         return None
     groups, ref = got
@@ -383,7 +383,7 @@ def dis_versus_table(results: list[CellResult], reference: str = "cosee", signal
     """The difficulty inversion score (DIS, Fig. 5) of every configuration's internal layers minus
     the reference's, both with ``signal`` exits, paired by seed (``_paired_frame``; DIS is a
     fraction, shown with three decimals). None when the reference has no DIS for ``signal``."""
-    got = _fronts(results, reference, signal)
+    got = _fronts(results, reference)
     if got is None:
         return None
     groups, ref = got
@@ -419,7 +419,7 @@ def exit_rates_versus_table(results: list[CellResult], reference: str = "cosee",
 
     from eebench.reports.analyses import rate_curve
 
-    got = _fronts(results, reference, signal)
+    got = _fronts(results, reference)
     if got is None:
         return None
     groups, ref = got
