@@ -394,6 +394,15 @@ def test_reference_points_final_only_and_budget_exiting(tmp_path, tiny_backbone_
         assert df.loc[label, "entropy"] == f"{100 * by_layers[k].layers[-1]['accuracy']:.1f} (n=1)"
     assert main(["report", "--results", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "final-only (2 of 4 layers)" in (tmp_path / "rep" / "toy" / "main_2x.md").read_text()
+    # ... and both log to MLflow afterwards (their one point has no threshold; this used to fail)
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    assert main(["log", str(out), "--tracking-uri", uri]) == 0
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("eebench-toy").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
 
 
 def test_report_writes_the_papers_analyses_and_logs_them(finished_run, tmp_path, capsys):

@@ -54,7 +54,8 @@ def sweep_frame(sw: SignalSweep, digits: int = 4) -> pd.DataFrame:
     df = df[order]
     for c in df.columns:
         if c == "threshold":
-            df[c] = [float(f"{x:.6g}") for x in df[c]]
+            # a fixed operating point (final-only, a router) has no threshold: kept empty
+            df[c] = [None if x is None else float(f"{x:.6g}") for x in df[c]]
         elif df[c].dtype.kind == "f":
             df[c] = df[c].round(digits)
     return df
