@@ -257,3 +257,27 @@ def test_dis_and_exit_rates_are_compared_with_the_reference_paired_by_seed_with_
     assert "vanilla / delayed" in (tmp_path / "toy" / "exit_rates_versus_cosee.md").read_text()
     assert dis_versus_table(van, "cosee", "energy") is None  # no reference row, no table
     assert exit_rates_versus_table([cell("cosee", 1, 0.8), cell("vanilla", 1, 0.7)], "cosee", "energy") is None  # no rates
+
+
+def test_every_front_is_compared_with_the_budget_row_at_its_speed_up_paired_by_seed(tmp_path):
+    from scipy import stats
+
+    from eebench.reports.report import budget_versus_table
+
+    # cell(): an early-exit row scores acc at 2x; a budget row (2 of 4 layers) its one point, acc - 0.1, at 2x
+    budget = [cell("final-only", s, 0.90 + s / 100, num_layers=2) for s in (1, 2, 3)]  # 0.81, 0.82, 0.83
+    cosee = [cell("cosee", s, 0.80 + s / 50) for s in (1, 2, 3)]  # 0.82, 0.84, 0.86
+    van = [cell("vanilla", s, 0.79) for s in (1, 2)]
+    full = [cell("final-only", 1, 0.95)]  # the full model is a reference, not a budget: no column
+    df = budget_versus_table(budget + cosee + van + full)
+    assert list(df.columns) == ["final-only (2 of 4 layers) (2.00x)"]
+    assert list(df.index) == ["vanilla / energy", "cosee / energy"]
+    d = [(0.80 + s / 50) - (0.80 + s / 100) for s in (1, 2, 3)]  # +0.01, +0.02, +0.03
+    p = stats.ttest_1samp(d, 0.0).pvalue
+    col = df.columns[0]
+    assert df.loc["cosee / energy", col] == f"+2.0 ± 1.0 (n=3, p={p:.2f}, Holm {min(1.0, 2 * p):.2f})"
+    assert df.loc["vanilla / energy", col].startswith("-2.5 ± 0.7 (n=2, p=")  # 0.79 - 0.81, 0.79 - 0.82
+    report(budget + cosee + van + full, tmp_path, operating="oracle")
+    assert "cosee / energy" in (tmp_path / "toy" / "versus_budget.md").read_text()
+    assert budget_versus_table(cosee + van + full) is None  # no budget row, no table
+    assert budget_versus_table(budget + full) is None  # nothing to compare it with

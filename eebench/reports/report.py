@@ -447,6 +447,50 @@ def exit_rates_versus_table(results: list[CellResult], reference: str = "cosee",
                          f"configuration / exit rate, minus {reference}'s ({signal} exits)")
 
 
+def budget_versus_table(results: list[CellResult], operating: HeldOut | None = None) -> pd.DataFrame | None:
+    """Early exit against a smaller model of the same speed: every (configuration, exit signal)
+    row's metric at the speed-up of each budget row (final-only trained with ``--num-layers K`` of
+    M layers: M / K, all inputs through K layers) minus that budget row's, paired by seed (x100;
+    ``_paired_frame``), held out when ``operating`` is given, else oracle, read as in
+    ``versus_table``. A row above zero is an early-exit model that beats simply training a smaller
+    one. None when there is no budget row or nothing to compare it with."""
+    groups = group_cells(results)
+    budgets = [g for g in groups if g.method == "final-only"
+               and g.cells[0].config.get("num_layers", 0) < g.cells[0].config.get("backbone_layers", 0)]
+    fronts = [g for g in groups if g.method != "final-only"]
+    if not budgets or not fronts:
+        return None
+
+    def value(r: CellResult, s: str, x: float) -> float:
+        if operating is not None:
+            got = operating.cell(r, s, Target(speedup=x))
+            return float("nan") if got is None else got[1]
+        if r.method == "final-only":
+            return r.sweeps[s].points[0][r.config["main_metric"]]
+        return _at(r.sweeps[s], r.config["main_metric"], x)
+
+    columns, base = [], []
+    for b in budgets:
+        first = b.cells[0]
+        s0 = sorted(first.sweeps)[0]  # a final-only cell's sweeps are one and the same point
+        x = round(float(first.sweeps[s0].points[0]["speedup"]), 6)
+        columns.append(f"{b.label} ({x:.2f}x)")
+        base.append((x, {r.seed: value(r, sorted(r.sweeps)[0], x) for r in b.cells if r.sweeps}))
+    rows = {}
+    for g in fronts:
+        for s in sorted({s for r in g.cells for s, sw in r.sweeps.items() if not is_fixed(sw)}):
+            cols = []
+            for x, ref in base:
+                pairs = [(value(r, s, x), ref[r.seed]) for r in sorted(g.cells, key=lambda r: r.seed)
+                         if r.seed in ref and s in r.sweeps and not is_fixed(r.sweeps[s])]
+                cols.append([a - b for a, b in pairs if not (math.isnan(a) or math.isnan(b))])
+            if any(cols):
+                rows[f"{g.label} / {s}"] = cols
+    if not rows:
+        return None
+    return _paired_frame(rows, columns, "configuration / exit signal, minus the budget row at its speed-up")
+
+
 def _reference(results: list[CellResult], reference: str | None, signal: str) -> tuple[str, str]:
     """(configuration label, exit signal) of ``--reference LABEL[/SIGNAL]``: the signal defaults to
     the report's; None means cosee. A label or signal the results lack is one line naming those
@@ -584,6 +628,12 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 tables[f"versus_{ref_name}{suffix}"] = (
                     f"{how} difference from {reference} with {ref_signal} exits at several speed-ups (x100), "
                     f"{PAIRED_NOTE}", vs)
+        budget = budget_versus_table(rs, held)
+        if budget is not None:
+            tables["versus_budget"] = (
+                f"{'held out' if held is not None else 'oracle'} score of each configuration and exit signal at the "
+                "speed-up of each budget row (final-only trained on fewer layers) minus that row's (x100; above 0: "
+                f"early exit beats simply training a smaller model), {PAIRED_NOTE}", budget)
         dis = dis_versus_table(rs, reference, ref_signal)
         if dis is not None:
             tables[f"dis_versus_{ref_name}"] = (
