@@ -281,3 +281,6 @@ def test_every_front_is_compared_with_the_budget_row_at_its_speed_up_paired_by_s
     assert "cosee / energy" in (tmp_path / "toy" / "versus_budget.md").read_text()
     assert budget_versus_table(cosee + van + full) is None  # no budget row, no table
     assert budget_versus_table(budget + full) is None  # nothing to compare it with
+    bare = cell("final-only", 1, 0.91, num_layers=2)
+    bare.sweeps.clear()  # a hand-made budget cell with no sweep: no column, not an IndexError
+    assert budget_versus_table([bare] + cosee) is None

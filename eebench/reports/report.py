@@ -338,6 +338,22 @@ def _fronts(results: list[CellResult], reference: str):
     return (groups, ref) if ref is not None else None
 
 
+def _front_value(r: CellResult, s: str, x: float, operating: HeldOut | None = None) -> float:
+    """Cell ``r``'s main metric with ``s`` exits at speed-up ``x``: held out when ``operating`` is
+    given, else oracle, read off its swept front (a final-only cell's one point is its value
+    wherever it is asked). NaN when ``r`` has no ``s`` sweep, ``s`` has a fixed operating point (no
+    front), or the held-out rule cannot reach ``x``."""
+    sw = r.sweeps.get(s)
+    if sw is None or is_fixed(sw):
+        return float("nan")
+    if operating is not None:
+        got = operating.cell(r, s, Target(speedup=x))
+        return float("nan") if got is None else got[1]
+    if r.method == "final-only":
+        return sw.points[0][r.config["main_metric"]]
+    return _at(sw, r.config["main_metric"], x)
+
+
 def versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
                  speedups=(1.5, 2.0, 3.0, 4.0), operating: HeldOut | None = None) -> pd.DataFrame | None:
     """Every (configuration, exit signal) against one reference (configuration ``reference`` with
@@ -355,12 +371,7 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
         return None
 
     def value(r: CellResult, s: str, x: float) -> float:
-        if s not in r.sweeps or is_fixed(r.sweeps[s]):
-            return float("nan")
-        if operating is None:
-            return _at(r.sweeps[s], r.config["main_metric"], x)
-        got = operating.cell(r, s, Target(speedup=x))
-        return float("nan") if got is None else got[1]
+        return _front_value(r, s, x, operating)
 
     def diffs(g, s: str, x: float) -> list[float]:
         base = {r.seed: value(r, signal, x) for r in ref.cells}
@@ -462,20 +473,19 @@ def budget_versus_table(results: list[CellResult], operating: HeldOut | None = N
         return None
 
     def value(r: CellResult, s: str, x: float) -> float:
-        if operating is not None:
-            got = operating.cell(r, s, Target(speedup=x))
-            return float("nan") if got is None else got[1]
-        if r.method == "final-only":
-            return r.sweeps[s].points[0][r.config["main_metric"]]
-        return _at(r.sweeps[s], r.config["main_metric"], x)
+        return _front_value(r, s, x, operating)
 
     columns, base = [], []
     for b in budgets:
-        first = b.cells[0]
+        first = next((r for r in b.cells if r.sweeps), None)
+        if first is None:  # a hand-made cell with no sweep has no point to compare with
+            continue
         s0 = sorted(first.sweeps)[0]  # a final-only cell's sweeps are one and the same point
         x = round(float(first.sweeps[s0].points[0]["speedup"]), 6)
         columns.append(f"{b.label} ({x:.2f}x)")
         base.append((x, {r.seed: value(r, sorted(r.sweeps)[0], x) for r in b.cells if r.sweeps}))
+    if not base:
+        return None
     rows = {}
     for g in fronts:
         for s in sorted({s for r in g.cells for s, sw in r.sweeps.items() if not is_fixed(sw)}):
