@@ -284,3 +284,26 @@ def test_every_front_is_compared_with_the_budget_row_at_its_speed_up_paired_by_s
     bare = cell("final-only", 1, 0.91, num_layers=2)
     bare.sweeps.clear()  # a hand-made budget cell with no sweep: no column, not an IndexError
     assert budget_versus_table([bare] + cosee) is None
+
+
+def test_the_pareto_figure_has_a_panel_per_shared_signal_and_one_for_policies_of_one_configuration(tmp_path):
+    from eebench.reports.report import pareto_panels
+    from eebench.runs.plots import plot_pareto_panels
+
+    cosee = [cell("cosee", s, 0.80 + s / 100) for s in (1, 2, 3)]  # 0.81, 0.82, 0.83 at 2x
+    van = [cell("vanilla", s, 0.70) for s in (1, 2)]
+    own = cell("vanilla", 3, 0.70)
+    own.sweeps["lte"] = SignalSweep(signal="lte", points=own.sweeps["energy"].points, summary={})  # only one row has it
+    panels = pareto_panels(cosee + van + [own] + [cell("final-only", 1, 0.9)], "accuracy")
+    assert list(panels) == ["energy exits", "policies of one configuration"]
+    curves, bands = panels["energy exits"]
+    assert list(curves) == ["final-only", "vanilla", "cosee"]  # one curve per configuration, not per seed
+    front = {p["speedup"]: p["accuracy"] for p in curves["cosee"].points if p["pareto"]}
+    assert front[2.0] == pytest.approx(0.82)  # the mean over its three seeds
+    xs, lo, hi = bands["cosee"]
+    assert (lo[xs.index(2.0)], hi[xs.index(2.0)]) == (pytest.approx(0.81), pytest.approx(0.83))
+    assert list(panels["policies of one configuration"][0]) == ["vanilla / lte"]
+    # a single configuration: every signal is its own panel
+    assert list(pareto_panels(cosee, "accuracy")) == ["energy exits"]
+    png = plot_pareto_panels(panels, tmp_path / "p.png", metric="accuracy", title="toy")
+    assert png.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp*"))

@@ -21,7 +21,9 @@ from eebench.runs.plots import (  # noqa: F401 - re-exported: the report's plots
     fixed_note,
     full_model_point,
     is_fixed,
+    mean_curves,
     plot_pareto,
+    plot_pareto_panels,
     seed_summary,
     staircase,
     sweep_frame,
@@ -569,6 +571,27 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
     return out
 
 
+def pareto_panels(results: list[CellResult], metric: str) -> dict[str, tuple[dict, dict]]:
+    """The report's Pareto figure (``plot_pareto_panels``): one panel per exit signal that two or
+    more configurations were swept with, each configuration's mean oracle front over its seeds with
+    a min-max band (``mean_curves``); the policies only one configuration has (a baseline's own
+    exit rule) share a last panel, labelled "configuration / policy". With one configuration every
+    signal has its own panel."""
+    groups = group_cells(results)
+    by_signal: dict[str, dict[str, list]] = {}
+    for g in groups:
+        label = g.label.replace("/", "|")  # " / " separates a configuration from its policy
+        for r in sorted(g.cells, key=lambda r: r.seed):
+            for s, sw in r.sweeps.items():
+                by_signal.setdefault(s, {}).setdefault(label, []).append(sw)
+    shared = {s: c for s, c in sorted(by_signal.items()) if len(c) > 1 or len(groups) == 1}
+    own = {f"{label} / {s}": sws for s, c in sorted(by_signal.items()) if s not in shared for label, sws in c.items()}
+    panels = {f"{s} exits": mean_curves(c, metric) for s, c in shared.items()}
+    if own:
+        panels["policies of one configuration"] = mean_curves(own, metric)
+    return panels
+
+
 def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "markdown", speedup: float = 2.0,
            signal: str = "energy", operating: str = "heldout", target: Target | None = None,
            split: SplitSpec | None = None, logits: dict[str, Path] | None = None, log_to: str | None = None,
@@ -664,16 +687,11 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
                 p.parent.mkdir(parents=True, exist_ok=True)
                 _atomic(p, lambda f, t=rendered: Path(f).write_text(t + "\n"))
         if out_dir:
-            curves = {}
-            for g in group_cells(rs):
-                for r in sorted(g.cells, key=lambda r: r.seed):
-                    for s, sw in sorted(r.sweeps.items()):
-                        lbl = f"{g.label.replace('/', '|')} / {s}" + (f" / s{r.seed}" if len(g.cells) > 1 else "")
-                        curves[lbl] = sw
-            png = plot_pareto(curves, Path(out_dir) / task / "pareto.png",
-                              title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling (oracle fronts)",
-                              metric=metric)
-            text.append(f"\nPareto plot (oracle fronts: every dev point): {png}")
+            png = plot_pareto_panels(
+                pareto_panels(rs, metric), Path(out_dir) / task / "pareto.png", metric=metric,
+                title=f"{task}: {rs[0].config['model']}, {', '.join(pool)} pooling; oracle fronts, mean over seeds "
+                      f"(band: min-max)")
+            text.append(f"\nPareto plot (oracle fronts, one panel per exit signal, mean over seeds): {png}")
             from eebench.reports import analyses
 
             files = analyses.write_all(report_groups(rs), Path(out_dir) / task / "analyses", task,

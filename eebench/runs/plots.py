@@ -89,29 +89,48 @@ def full_model_point(sw: SignalSweep, metric: str) -> float | None:
     return max(vals) if vals else None
 
 
-def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy",
-                bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
-    """One staircase per label (its Pareto front, drawn as the step function the summaries read),
-    metric against speed-up, with the full model (1.0x) marked; a fixed operating point
-    (``is_fixed``: one point per model) is drawn as star markers only, a tunable front of one point
-    as a diamond; ``bands`` optionally shades a
-    (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
-    import matplotlib
+def mean_curves(cells: dict[str, list[SignalSweep]], metric: str
+                ) -> tuple[dict[str, SignalSweep], dict[str, tuple[list[float], list[float], list[float]]]]:
+    """Seeds aggregated for a plot: per label, its sweeps' mean Pareto front (``mean_front``, with
+    the mean full-model point at 1.0x when every seed has one) and the (speed-ups, min, max) band;
+    a fixed operating point keeps one marker per seed and has no band."""
+    from eebench.exits.rule import mean_front
 
-    matplotlib.use("Agg")
+    curves, bands = {}, {}
+    for label, sws in cells.items():
+        if not sws:
+            continue
+        if all(is_fixed(sw) for sw in sws):  # one point per seed: markers, no mean curve
+            curves[label] = SignalSweep(signal=sws[0].signal, points=[p for sw in sws for p in sw.points],
+                                        summary={"fixed_threshold": sws[0].summary["fixed_threshold"]})
+            continue
+        xs, mean, lo, hi = mean_front([_front(sw, metric) for sw in sws])
+        points = [{"speedup": x, metric: y, "pareto": True} for x, y in zip(xs, mean, strict=True)]
+        fulls = [full_model_point(sw, metric) for sw in sws]
+        if fulls and all(f is not None for f in fulls):
+            points.append({"speedup": 1.0, metric: sum(fulls) / len(fulls), "pareto": False})
+        curves[label] = SignalSweep(signal=sws[0].signal, points=points, summary={})
+        bands[label] = (xs, lo, hi)
+    return curves, bands
+
+
+#: Line styles that, with the ten default colours, tell up to 40 curves apart.
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _draw_pareto(ax, curves: dict[str, SignalSweep], metric: str,
+                 bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None,
+                 look: dict[str, tuple[str, str, float]] | None = None) -> None:
+    """Draw ``plot_pareto``'s curves on one axes. ``look`` fixes a label's (colour, line style,
+    width) (the same configuration looks the same in every panel); without it labels
+    "method / signal[ / seed]" are coloured by signal and styled by method, so that curves that
+    coincide (entropy and max softmax are monotone in each other for 2 classes) stay visible."""
     import matplotlib.pyplot as plt
 
-    from eebench.util import atomic_write as _atomic
-
-    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
-    # Labels are "method / signal[ / seed]": colour by signal, line style by method, so that
-    # curves that coincide (entropy and max softmax are monotone in each other for 2 classes)
-    # stay visible.
     parts = {label: [p.strip() for p in label.split("/")] for label in curves}
     methods = list(dict.fromkeys(p[0] for p in parts.values()))
     signals = list(dict.fromkeys(p[1] if len(p) > 1 else p[0] for p in parts.values()))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
     ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
     full_marked = False
     for label, sw in curves.items():
@@ -120,10 +139,13 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
         xs, ys = ([p["speedup"] for p in sw.points], [p[metric] for p in sw.points]) if fixed else _front(sw, metric)
         if not xs:
             continue
-        p = parts[label]
-        colour = colours[signals.index(p[1] if len(p) > 1 else p[0]) % len(colours)]
-        style = styles[methods.index(p[0]) % len(styles)]
-        width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
+        if look and label in look:
+            colour, style, width = look[label]
+        else:
+            p = parts[label]
+            colour = colours[signals.index(p[1] if len(p) > 1 else p[0]) % len(colours)]
+            style = _STYLES[methods.index(p[0]) % len(_STYLES)]
+            width = 1.2 + 0.8 * (methods.index(p[0]) % 2)
         if fixed or len(xs) == 1:
             # a star only for a fixed operating point; a tunable policy whose front is one point
             # (every other threshold dominated) gets a diamond, so the two never look alike
@@ -146,15 +168,80 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
             full_marked = True
     ax.set_xlabel("speed-up (layers, Eq. 12)")
     ax.set_ylabel(f"dev {metric}")
-    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from eebench.util import atomic_write as _atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "", metric: str = "accuracy",
+                bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
+    """One staircase per label (its Pareto front, drawn as the step function the summaries read),
+    metric against speed-up, with the full model (1.0x) marked; a fixed operating point
+    (``is_fixed``: one point per model) is drawn as star markers only, a tunable front of one point
+    as a diamond; ``bands`` optionally shades a
+    (speed-ups, low, high) range around a label's curve (seeds). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    _draw_pareto(ax, curves, metric, bands)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pareto_panels(panels: dict[str, tuple[dict[str, SignalSweep], dict]], path: str | Path, title: str = "",
+                       metric: str = "accuracy", ncols: int = 2) -> Path:
+    """Several ``plot_pareto`` axes in one figure (e.g. one per exit signal: panel title ->
+    (curves, bands)), one legend for all of them beside the panels. A label keeps its colour and
+    line style in every panel; a label "X / signal" (a policy only one configuration has) takes
+    X's. Written atomically."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bases = list(dict.fromkeys(label.split(" / ")[0] for curves, _ in panels.values() for label in curves))
+    look = {}
+    for curves, _ in panels.values():
+        for label in curves:
+            i = bases.index(label.split(" / ")[0])
+            look[label] = (colours[i % len(colours)], _STYLES[(i // len(colours)) % len(_STYLES)], 1.4)
+    n = max(1, len(panels))
+    cols = min(ncols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 2.8, 3.4 * rows + 0.5), dpi=120, squeeze=False,
+                             layout="constrained")
+    for ax, (name, (curves, bands)) in zip(axes.flat, panels.items(), strict=False):
+        _draw_pareto(ax, curves, metric, bands, look)
+        ax.set_title(name, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 def seed_summary(results: list[CellResult], signal: str, digits: int | None = 4) -> pd.DataFrame:

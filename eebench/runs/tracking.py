@@ -364,9 +364,7 @@ class Tracker:
         def log() -> None:
             from mlflow.entities import Metric
 
-            from eebench.exits.rule import mean_front
-            from eebench.runs.plots import _front, full_model_point, is_fixed, plot_pareto, seed_summary
-            from eebench.runs.results import SignalSweep
+            from eebench.runs.plots import mean_curves, plot_pareto, seed_summary
 
             ts = _now_ms()
             metric = results[0].config.get("main_metric", "accuracy")
@@ -381,21 +379,11 @@ class Tracker:
                     for row in seed_summary(results, signal, digits=None).to_dict("records"):  # unrounded
                         metrics += [Metric(f"{row['method']}/{signal}_{k.removesuffix('_mean')}", float(v), ts, 0)
                                     for k, v in row.items() if k.endswith("_mean") and v is not None and v == v]
-                    curves, bands = {}, {}
+                    cells = {}
                     for m in table["method"]:
                         sws = [r.sweeps[signal] for r in results if r.method == m and signal in r.sweeps]
-                        label = f"{m} ({len(sws)} seed{'s' if len(sws) > 1 else ''})"
-                        if all(is_fixed(sw) for sw in sws):  # one point per seed: markers, no mean curve
-                            curves[label] = SignalSweep(signal=signal, points=[p for sw in sws for p in sw.points],
-                                                        summary={"fixed_threshold": sws[0].summary["fixed_threshold"]})
-                            continue
-                        xs, mean, lo, hi = mean_front([_front(sw, metric) for sw in sws])
-                        points = [{"speedup": x, metric: y, "pareto": True} for x, y in zip(xs, mean, strict=True)]
-                        fulls = [full_model_point(sw, metric) for sw in sws]
-                        if fulls and all(f is not None for f in fulls):
-                            points.append({"speedup": 1.0, metric: sum(fulls) / len(fulls), "pareto": False})
-                        curves[label] = SignalSweep(signal=signal, points=points, summary={})
-                        bands[label] = (xs, lo, hi)
+                        cells[f"{m} ({len(sws)} seed{'s' if len(sws) > 1 else ''})"] = sws
+                    curves, bands = mean_curves(cells, metric)
                     png = Path(tmp) / f"pareto_{signal}.png"
                     plot_pareto(curves, png, metric=metric, bands=bands,
                                 title=f"{task}, {signal} exits: mean Pareto front over seeds (band: min-max)")
