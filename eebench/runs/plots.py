@@ -216,13 +216,16 @@ def plot_pareto_panels(panels: dict[str, tuple[dict[str, SignalSweep], dict]], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bases = list(dict.fromkeys(label.split(" / ")[0] for curves, _ in panels.values() for label in curves))
+    # up to ten configurations: the default colours; more (a study with its baselines): tab20's
+    # twenty, every second one dashed, so that no two configurations look alike
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(bases) <= 10 else list(plt.get_cmap("tab20").colors)
     look = {}
     for curves, _ in panels.values():
         for label in curves:
             i = bases.index(label.split(" / ")[0])
-            look[label] = (colours[i % len(colours)], _STYLES[(i // len(colours)) % len(_STYLES)], 1.4)
+            style = _STYLES[i % 2] if len(bases) > 10 else _STYLES[(i // len(colours)) % len(_STYLES)]
+            look[label] = (colours[i % len(colours)], style, 1.4)
     n = max(1, len(panels))
     cols = min(ncols, n)
     rows = math.ceil(n / cols)
