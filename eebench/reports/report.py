@@ -372,12 +372,9 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
     if not any(signal in r.sweeps and not is_fixed(r.sweeps[signal]) for r in ref.cells):
         return None
 
-    def value(r: CellResult, s: str, x: float) -> float:
-        return _front_value(r, s, x, operating)
-
     def diffs(g, s: str, x: float) -> list[float]:
-        base = {r.seed: value(r, signal, x) for r in ref.cells}
-        return [d for d in (value(r, s, x) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed)
+        base = {r.seed: _front_value(r, signal, x, operating) for r in ref.cells}
+        return [d for d in (_front_value(r, s, x, operating) - base[r.seed] for r in sorted(g.cells, key=lambda r: r.seed)
                             if r.seed in base) if not math.isnan(d)]
 
     rows = {}
@@ -474,9 +471,6 @@ def budget_versus_table(results: list[CellResult], operating: HeldOut | None = N
     if not budgets or not fronts:
         return None
 
-    def value(r: CellResult, s: str, x: float) -> float:
-        return _front_value(r, s, x, operating)
-
     columns, base = [], []
     for b in budgets:
         first = next((r for r in b.cells if r.sweeps), None)
@@ -485,7 +479,7 @@ def budget_versus_table(results: list[CellResult], operating: HeldOut | None = N
         s0 = sorted(first.sweeps)[0]  # a final-only cell's sweeps are one and the same point
         x = round(float(first.sweeps[s0].points[0]["speedup"]), 6)
         columns.append(f"{b.label} ({x:.2f}x)")
-        base.append((x, {r.seed: value(r, sorted(r.sweeps)[0], x) for r in b.cells if r.sweeps}))
+        base.append((x, {r.seed: _front_value(r, sorted(r.sweeps)[0], x, operating) for r in b.cells if r.sweeps}))
     if not base:
         return None
     rows = {}
@@ -493,7 +487,7 @@ def budget_versus_table(results: list[CellResult], operating: HeldOut | None = N
         for s in sorted({s for r in g.cells for s, sw in r.sweeps.items() if not is_fixed(sw)}):
             cols = []
             for x, ref in base:
-                pairs = [(value(r, s, x), ref[r.seed]) for r in sorted(g.cells, key=lambda r: r.seed)
+                pairs = [(_front_value(r, s, x, operating), ref[r.seed]) for r in sorted(g.cells, key=lambda r: r.seed)
                          if r.seed in ref and s in r.sweeps and not is_fixed(r.sweeps[s])]
                 cols.append([a - b for a, b in pairs if not (math.isnan(a) or math.isnan(b))])
             if any(cols):
