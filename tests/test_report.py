@@ -307,3 +307,17 @@ def test_the_pareto_figure_has_a_panel_per_shared_signal_and_one_for_policies_of
     assert list(pareto_panels(cosee, "accuracy")) == ["energy exits"]
     png = plot_pareto_panels(panels, tmp_path / "p.png", metric="accuracy", title="toy")
     assert png.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("n", [3, 10, 11, 20, 21, 45])
+def test_every_configuration_of_a_pareto_figure_has_its_own_colour_and_line_style(n):
+    from eebench.runs.plots import configuration_looks
+
+    looks = configuration_looks([f"config-{i}" for i in range(n)])
+    assert len(set(looks.values())) == n  # past 20 (tab20) the colours come round with other line styles
+    styles = {style for _, style in looks.values()}
+    if n <= 20:  # solid up to ten; then every second one dashed
+        assert styles == ({"-"} if n <= 10 else {"-", "--"})
+    else:
+        a, b = looks["config-0"], looks["config-20"]
+        assert a[0] == b[0] and a[1] != b[1]

@@ -203,6 +203,20 @@ def plot_pareto(curves: dict[str, SignalSweep], path: str | Path, title: str = "
     return _save(fig, path)
 
 
+def configuration_looks(bases: list[str]) -> dict[str, tuple]:
+    """(colour, line style) of each configuration, distinct for up to 80. Up to ten: the default
+    colours, solid lines; more (a study with its baselines): tab20's twenty (pairs of a dark and a
+    light shade), every second one dashed, and past twenty the colours come round again with the
+    next line style."""
+    import matplotlib.pyplot as plt
+
+    many = len(bases) > 10
+    colours = list(plt.get_cmap("tab20").colors) if many else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {b: (colours[i % len(colours)],
+                _STYLES[(i % 2 + i // len(colours)) % len(_STYLES)] if many else _STYLES[0])
+            for i, b in enumerate(bases)}
+
+
 def plot_pareto_panels(panels: dict[str, tuple[dict[str, SignalSweep], dict]], path: str | Path, title: str = "",
                        metric: str = "accuracy", ncols: int = 2) -> Path:
     """Several ``plot_pareto`` axes in one figure (e.g. one per exit signal: panel title ->
@@ -217,15 +231,8 @@ def plot_pareto_panels(panels: dict[str, tuple[dict[str, SignalSweep], dict]], p
     import matplotlib.pyplot as plt
 
     bases = list(dict.fromkeys(label.split(" / ")[0] for curves, _ in panels.values() for label in curves))
-    # up to ten configurations: the default colours; more (a study with its baselines): tab20's
-    # twenty, every second one dashed, so that no two configurations look alike
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(bases) <= 10 else list(plt.get_cmap("tab20").colors)
-    look = {}
-    for curves, _ in panels.values():
-        for label in curves:
-            i = bases.index(label.split(" / ")[0])
-            style = _STYLES[i % 2] if len(bases) > 10 else _STYLES[(i // len(colours)) % len(_STYLES)]
-            look[label] = (colours[i % len(colours)], style, 1.4)
+    looks = configuration_looks(bases)
+    look = {label: (*looks[label.split(" / ")[0]], 1.4) for curves, _ in panels.values() for label in curves}
     n = max(1, len(panels))
     cols = min(ncols, n)
     rows = math.ceil(n / cols)
