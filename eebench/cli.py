@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-thresholds", type=int, help="thresholds per signal sweep (default 100)")
     r.add_argument("--keep-checkpoint", action="store_true", default=None,
                    help="keep the optimiser checkpoint of finished cells (default: dropped; model/ and logits stay)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="list every cell of the run and what it would do (done, resume from step k, new), then stop: "
+                        "trains nothing and leaves every file as it was")
     r.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where cells run: local (default) or ray (one Ray task per cell; pip install 'eebench[ray]')")
     from eebench.scale.executor import add_ray_arguments
@@ -239,7 +242,9 @@ def cmd_run(args) -> None:
             "precision", "attn_implementation", "data_dir", "output", "tracking_uri", "no_mlflow", "num_thresholds",
             "keep_checkpoint", "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta"]
     cfg = run_config_from({k: getattr(args, k) for k in keys}, args.config, args.overrides)
-    if args.executor == "ray":
+    if args.dry_run:
+        _print_plan(Runner(cfg.model_copy(update={"no_mlflow": True})))
+    elif args.executor == "ray":
         from eebench.scale.executor import cmd_run_ray
 
         cmd_run_ray(cfg, args)
@@ -248,6 +253,19 @@ def cmd_run(args) -> None:
 
         check_no_ray_flags(args)
         Runner(cfg).run()
+
+
+def _print_plan(runner) -> None:
+    """``eebench run --dry-run``: the cells of the run, what ``run`` would do with each, and counts."""
+    from collections import Counter
+
+    from tabulate import tabulate
+
+    rows = runner.plan()
+    print(f"{runner.spec.name}: {len(rows)} cell(s) in {runner.out}")
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    n = Counter(r["state"] for r in rows)
+    print(", ".join(f"{n[k]} {k}" for k in ("done", "resume", "new", "conflict") if n[k]) + "; nothing was trained or changed")
 
 
 def cmd_tune(args) -> None:

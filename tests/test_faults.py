@@ -511,3 +511,56 @@ def test_a_cell_whose_process_died_has_its_mlflow_run_closed_when_it_runs_again(
     assert runs[dead.info.run_id].info.status == "KILLED"
     assert runs[dead.info.run_id].data.tags["eebench_superseded_by"] == new.info.run_id
     assert runs[elsewhere].info.status == "RUNNING" and "eebench_superseded_by" not in runs[elsewhere].data.tags
+
+
+def test_dry_run_says_what_run_would_do_with_each_cell_and_changes_nothing(done, tmp_path, tiny_backbone_dir,
+                                                                          monkeypatch, capsys):
+    """``eebench run --dry-run``: done (and what it would still sweep), resume (from which step,
+    and whether another process is on it now), new, conflict; no file is created or changed."""
+    from filelock import FileLock
+
+    out, cell = _copy(done, tmp_path)
+    _, task = done
+
+    def plan(*extra) -> dict[str, tuple[str, str]]:
+        capsys.readouterr()
+        before = {p: p.is_file() and p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+        assert main(_run_args(task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy",
+                              "--dry-run", *extra)) == 0
+        # no file created, changed or removed (validation probes that the folder is writable, as run does)
+        assert {p: p.is_file() and p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+        lines = capsys.readouterr().out.splitlines()
+        rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| vanilla")]
+        return {int(r[1]): (r[3], r[4]) for r in rows}, lines[-1]
+
+    got, last = plan("--seeds", "1,2")
+    assert got[1][0] == "done" and got[1][1].endswith("nothing to do") and got[2] == ("new", "")
+    assert last == "1 done, 1 new; nothing was trained or changed"
+    got, _ = plan("--seeds", "1", "--signals", "energy,softmax")  # a later --signals wins
+    assert got[1][1].endswith("would sweep softmax")
+    # seed 2 interrupted after its 4th optimiser step's checkpoint (6 steps an epoch, one every 2)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    assert main(_run_args(task, tiny_backbone_dir, out, "--methods", "vanilla", "--signals", "energy", "--seeds", "2",
+                          "--no-mlflow", "checkpoint_every=2")) == 130
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    got, _ = plan("--seeds", "2", "checkpoint_every=2")
+    assert got[2] == ("resume", "from optimiser step 4")
+    (cell2,) = [p.parent for p in out.rglob("cell_config.json") if p.parent.name.startswith("vanilla-s2-")]
+    with FileLock(str(cell2 / ".eebench.lock")):  # another process training it now
+        got, _ = plan("--seeds", "2", "checkpoint_every=2")
+    assert got[2] == ("resume", "from optimiser step 4; running now in another process")
+    # a folder of the same name holding another configuration
+    cc = cell / "cell_config.json"
+    cc.write_text(cc.read_text().replace('"seed": 1', '"seed": 7'))
+    res = cell / "result.json"
+    res.write_text(res.read_text().replace('"seed": 1', '"seed": 7'))
+    got, last = plan("--seeds", "1")
+    assert got[1][0] == "conflict" and "another configuration" in got[1][1] and last.startswith("1 conflict")

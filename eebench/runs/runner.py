@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -414,6 +415,43 @@ class Runner:
         finally:
             self.close_parent(parent, results, status)
         return results
+
+    def plan(self) -> list[dict[str, Any]]:
+        """What ``run`` would do with every cell, read from the output folder without training,
+        locking or changing anything (``eebench run --dry-run``): one dict per cell with method,
+        seed, cell (folder name), state and detail. States: ``done`` (finished; the detail names
+        the signals it would still sweep), ``resume`` (unfinished; the optimiser step of its last
+        complete checkpoint), ``new``, and ``conflict`` (the folder holds another configuration, or
+        an unreadable result that ``run`` would set aside and retrain)."""
+        from eebench.training.trainer import POINTER, checkpoint_problem
+
+        rows = []
+        for method, seed, cc, h in self.cells():
+            d = self.cell_dir(method, seed, h)
+            row = {"method": method, "seed": seed, "cell": d.name, "state": "new", "detail": ""}
+            rows.append(row)
+            try:
+                if (d / "result.json").exists():
+                    result = CellResult.from_disk(d / "result.json")
+                    check_identity(d, result.config, cc)
+                    missing = signals_to_sweep(result, self._cell_policies(method), self.cfg.num_thresholds)
+                    train_s = (result.timings or {}).get("train_s")
+                    row["state"] = "done"
+                    row["detail"] = ((f"trained in {train_s:.0f} s; " if isinstance(train_s, int | float) else "")
+                                     + (f"would sweep {', '.join(missing)}" if missing else "nothing to do"))
+                elif (d / "cell_config.json").exists():
+                    check_identity(d, json.loads((d / "cell_config.json").read_text()), cc)
+                    ckpt = d / "checkpoint"
+                    row["state"] = "resume"
+                    if ckpt.is_dir() and checkpoint_problem(ckpt) is None:
+                        row["detail"] = f"from optimiser step {json.loads((ckpt / POINTER).read_text())['step']}"
+                    else:
+                        row["detail"] = "no complete checkpoint: trains from the start"
+            except (EebenchError, UnreadableResult, OSError, ValueError) as e:
+                row["state"], row["detail"] = "conflict", str(e).splitlines()[0] if str(e) else type(e).__name__
+            if cell_busy(d):
+                row["detail"] = "; ".join(x for x in (row["detail"], "running now in another process") if x)
+        return rows
 
     def _cell_policies(self, method: str) -> list[str]:
         """The asked-for policies that cells of ``method`` have (method policies are per method)."""
@@ -935,6 +973,33 @@ def cell_lock(d: Path, who: str = "") -> Iterator[None]:
     finally:
         del _HELD[key]
         lock.release()
+
+
+def cell_busy(d: Path) -> bool | None:
+    """Whether another process holds the lock of cell folder ``d`` now (None: cannot tell on this
+    platform). A non-blocking probe of the existing lock file, opened read-only: creates nothing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: filelock uses msvcrt there
+        return None
+    path = d / ".eebench.lock"
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_temporaries(d: Path) -> None:
