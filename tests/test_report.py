@@ -321,3 +321,45 @@ def test_every_configuration_of_a_pareto_figure_has_its_own_colour_and_line_styl
     else:
         a, b = looks["config-0"], looks["config-20"]
         assert a[0] == b[0] and a[1] != b[1]
+
+
+def test_held_out_points_computed_together_are_those_computed_one_by_one(tmp_path, monkeypatch):
+    """The report asks for each (cell, signal, speed-up) separately; with ``prefetch`` one
+    simulation of the splits serves all its speed-ups, and the dev splits are drawn once per dev
+    set: the same numbers, fewer calls."""
+    import torch
+    from safetensors.torch import save_file
+
+    import eebench.exits.operating as operating
+    from eebench.exits.operating import SplitSpec, Target
+    from eebench.reports.report import SPEEDUPS, HeldOut
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (120,), generator=g)
+    cells, index = [], {}
+    for seed in (1, 2):
+        logits = torch.randn(120, 4, 2, generator=g) + 2.5 * torch.nn.functional.one_hot(labels, 2)[:, None] * \
+            torch.linspace(0.2, 1.0, 4)[None, :, None]
+        c = cell("vanilla", seed, 0.8)
+        c.sweeps["energy"].heldout = {"num_thresholds": 30}
+        save_file({"logits": logits, "labels": labels}, tmp_path / f"{seed}.safetensors")
+        index[c.cell_id] = tmp_path / f"{seed}.safetensors"
+        cells.append(c)
+    calls = {"held_out_many": 0, "dev_splits": 0}
+    for name in calls:
+        real = getattr(operating, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(operating, name, counted)
+    targets = [Target(speedup=x) for x in SPEEDUPS]
+    split = SplitSpec(repeats=5)
+    alone = {(c.cell_id, t): HeldOut(split, index).cell(c, "energy", t) for c in cells for t in targets}
+    assert calls == {"held_out_many": 8, "dev_splits": 8}
+    calls.update(held_out_many=0, dev_splits=0)
+    together = HeldOut(split, index, prefetch=tuple(targets))
+    assert {(c.cell_id, t): together.cell(c, "energy", t) for c in cells for t in targets} == alone
+    assert calls == {"held_out_many": 2, "dev_splits": 1}  # one per cell; one dev set
+    assert any(v is not None and v[0] for v in alone.values())

@@ -355,9 +355,12 @@ def held_out(logits: torch.Tensor, labels, signal: str | Signal, target: Target,
 
 def held_out_many(logits: torch.Tensor, labels, signal: str | Signal | ExitPolicy, targets: list[Target],
                   split: SplitSpec = SplitSpec(), metric: str = "accuracy", num_thresholds: int = 100,
-                  scale: float = 1.0, scores: torch.Tensor | None = None) -> list[OperatingPoint]:
-    """``held_out`` for several targets on the same splits (one simulation per split).
-    ``scores`` [N, M]: an exit policy's cached values (policies that read a method's modules)."""
+                  scale: float = 1.0, scores: torch.Tensor | None = None,
+                  splits: list | None = None) -> list[OperatingPoint]:
+    """``held_out`` for several targets on the same splits (one simulation per split; each target's
+    result is the same as alone). ``scores`` [N, M]: an exit policy's cached values (policies that
+    read a method's modules); ``splits``: ``dev_splits(labels, split)`` when the caller has it
+    already (every cell of a task shares its dev labels)."""
     for t in targets:
         t.check()
     sig = get_policy(signal)
@@ -369,7 +372,7 @@ def held_out_many(logits: torch.Tensor, labels, signal: str | Signal | ExitPolic
     m = logits.shape[1]
     final_pred = logits[:, -1].argmax(-1)
     ops = [OperatingPoint(sig.name, asdict(t), asdict(split), metric) for t in targets]
-    for pairs in dev_splits(labels, split):
+    for pairs in dev_splits(labels, split) if splits is None else splits:
         cands = [(candidates(logits, scores, sig, cal, num_thresholds), cal, ev) for cal, ev in pairs]
         for target, op in zip(targets, ops, strict=True):
             op.repeats.append(_score_split(cands, logits, labels, final_pred, target, metric, m, scale))
@@ -401,7 +404,11 @@ def _score_split(cands, logits, labels, final_pred, target: Target, metric: str,
         return rec
     ev = torch.as_tensor(np.nonzero(scored)[0])
     rec["cal_metric"] = float(np.mean([p["cal_metric"] for p in picks]))
-    rec["eval_metric"] = float(get_metric(metric)(pred[ev].numpy(), labels[ev].numpy()))
+    # the vectorised metric, as on calibration (``choose``) and in sweeps: scikit-learn's input
+    # checks cost more than the metric itself, once per split, target, signal and cell of a report.
+    # Accuracy and F1 are the same float as scikit-learn's; MCC can differ in the last bit (torch's
+    # float64 sqrt is not always correctly rounded on the CPU), far below any printed digit.
+    rec["eval_metric"] = float(get_metric(metric).batched(pred[ev][None], labels[ev])[0])
     rec["eval_speedup"] = float(speedup_ratios(el[ev], m)) * scale
     rec["n_eval"] = int(len(ev))
     if rec.get("fixed") and target.kind == "speedup":
