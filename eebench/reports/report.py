@@ -583,7 +583,9 @@ def results_from_mlflow(tracking_uri: str, task: str | None = None) -> list[Cell
     if unfinished:
         print(f"note: left out {len(unfinished)} MLflow run(s) that have not finished: {', '.join(unfinished[:5])}"
               + (" ..." if len(unfinished) > 5 else ""), file=sys.stderr, flush=True)
-    return out
+    # the order of a results folder (find_results: <task>/<method>-s<seed>-<id>/, sorted), so that
+    # sums over cells add up in the same order and both sources give the same bytes
+    return sorted(out, key=lambda r: (r.task, f"{r.method}-s{r.seed}-{r.cell_id}"))
 
 
 def pareto_panels(results: list[CellResult], metric: str) -> dict[str, tuple[dict, dict]]:
