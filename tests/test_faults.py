@@ -557,6 +557,13 @@ def test_dry_run_says_what_run_would_do_with_each_cell_and_changes_nothing(done,
     with FileLock(str(cell2 / ".eebench.lock")):  # another process training it now
         got, _ = plan("--seeds", "2", "checkpoint_every=2")
     assert got[2] == ("resume", "from optimiser step 4; running now in another process")
+    # an unreadable result: run sets it aside and trains the cell again
+    res = cell / "result.json"
+    good = res.read_text()
+    res.write_text(good[:100])
+    got, _ = plan("--seeds", "1")
+    assert got[1][0] == "new" and got[1][1].endswith("run sets it aside and trains the cell again")
+    res.write_text(good)
     # a folder of the same name holding another configuration
     cc = cell / "cell_config.json"
     cc.write_text(cc.read_text().replace('"seed": 1', '"seed": 7'))

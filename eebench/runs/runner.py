@@ -421,8 +421,8 @@ class Runner:
         locking or changing anything (``eebench run --dry-run``): one dict per cell with method,
         seed, cell (folder name), state and detail. States: ``done`` (finished; the detail names
         the signals it would still sweep), ``resume`` (unfinished; the optimiser step of its last
-        complete checkpoint), ``new``, and ``conflict`` (the folder holds another configuration, or
-        an unreadable result that ``run`` would set aside and retrain)."""
+        complete checkpoint), ``new`` (also a cell whose result.json is unreadable: ``run`` sets it
+        aside and trains the cell again), and ``conflict`` (the folder holds another configuration)."""
         from eebench.training.trainer import POINTER, checkpoint_problem
 
         rows = []
@@ -432,7 +432,11 @@ class Runner:
             rows.append(row)
             try:
                 if (d / "result.json").exists():
-                    result = CellResult.from_disk(d / "result.json")
+                    try:
+                        result = CellResult.from_disk(d / "result.json")
+                    except UnreadableResult as e:
+                        row["detail"] = f"{str(e).splitlines()[0]}: run sets it aside and trains the cell again"
+                        continue
                     check_identity(d, result.config, cc)
                     missing = signals_to_sweep(result, self._cell_policies(method), self.cfg.num_thresholds)
                     train_s = (result.timings or {}).get("train_s")
@@ -447,10 +451,11 @@ class Runner:
                         row["detail"] = f"from optimiser step {json.loads((ckpt / POINTER).read_text())['step']}"
                     else:
                         row["detail"] = "no complete checkpoint: trains from the start"
-            except (EebenchError, UnreadableResult, OSError, ValueError) as e:
+            except (EebenchError, OSError, ValueError) as e:
                 row["state"], row["detail"] = "conflict", str(e).splitlines()[0] if str(e) else type(e).__name__
-            if cell_busy(d):
-                row["detail"] = "; ".join(x for x in (row["detail"], "running now in another process") if x)
+            finally:
+                if cell_busy(d):
+                    row["detail"] = "; ".join(x for x in (row["detail"], "running now in another process") if x)
         return rows
 
     def _cell_policies(self, method: str) -> list[str]:
