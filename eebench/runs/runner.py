@@ -947,6 +947,8 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
 
 # --------------------------------------------------------------------------- cell locks
 _HELD: dict[Path, list] = {}
+#: The lock file of a cell folder: held by ``cell_lock``, probed by ``cell_busy``.
+LOCK_FILE = ".eebench.lock"
 
 
 @contextlib.contextmanager
@@ -965,11 +967,11 @@ def cell_lock(d: Path, who: str = "") -> Iterator[None]:
             _HELD[key][1] -= 1
         return
     d.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(d / ".eebench.lock"))
+    lock = FileLock(str(d / LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"{who} waiting: another eebench process is working on {d} (lock {d / '.eebench.lock'})".strip(),
+        print(f"{who} waiting: another eebench process is working on {d} (lock {d / LOCK_FILE})".strip(),
               flush=True)
         lock.acquire()
     _HELD[key] = [lock, 1]
@@ -987,7 +989,7 @@ def cell_busy(d: Path) -> bool | None:
         import fcntl
     except ImportError:  # Windows: filelock uses msvcrt there
         return None
-    path = d / ".eebench.lock"
+    path = d / LOCK_FILE
     if not path.exists():
         return False
     try:
