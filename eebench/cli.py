@@ -223,7 +223,7 @@ def cmd_list(args=None) -> None:
         print(f"  {n:20s} {HEADS.get(n).description}{origin(HEADS, n)}")
     print("tasks:")
     print("  " + ", ".join(list_tasks()) + "  (or a path to your own task YAML)")
-    from eebench.runs.runner import list_recipes
+    from eebench.runs.recipes import list_recipes
 
     print("recipes (eebench run --config NAME; flags and key=value overrides win):")
     for name, desc in list_recipes().items():
@@ -234,7 +234,8 @@ def cmd_list(args=None) -> None:
 
 
 def cmd_run(args) -> None:
-    from eebench.runs.runner import Runner, run_config_from
+    from eebench.runs.recipes import run_config_from
+    from eebench.runs.runner import Runner
 
     _load_includes(args)  # before the config is checked: it may name plugin methods
     keys = ["include", "task", "methods", "signals", "model", "seeds", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs",

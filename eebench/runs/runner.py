@@ -8,17 +8,12 @@ checkpoint, and only sweeps signals that a finished cell has not been swept with
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +23,11 @@ import torch
 from eebench.errors import EebenchError
 from eebench.exits.rule import Sweep, predictions_at_exit, sweep
 from eebench.model.backbone import MultiExitConfig, MultiExitModel, resolve_model
+from eebench.runs.checks import check_run_policies, create_output, operating_settings, validate
 from eebench.runs.config import RunConfig
+from eebench.runs.identity import cell_config, cell_hash, check_identity, resolve_model_settings
+from eebench.runs.locks import LOCK_FILE, cell_busy, cell_lock, remove_temporaries
+from eebench.runs.recipes import list_recipes, load_config_file, run_config_from
 from eebench.runs.results import CellResult, SignalSweep, UnreadableResult
 from eebench.runs.tracking import Tracker, default_tracking_uri, log_results, parent_run_name
 from eebench.util import atomic_write as _atomic
@@ -36,95 +35,6 @@ from eebench.util import atomic_write as _atomic
 log = logging.getLogger("eebench")
 
 SUMMARY_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
-
-
-def speed_settings(cfg: RunConfig) -> tuple[str, str]:
-    """(attention implementation, precision) that a cell of ``cfg`` trains with on this machine:
-    ``auto`` and a bf16 request on a CPU without native bf16 resolved (eebench.model.accel)."""
-    from eebench.model.accel import choose_attn_implementation, resolve_precision
-    from eebench.util import pick_device
-
-    device = pick_device(cfg.device)
-    return choose_attn_implementation(cfg.attn_implementation, device), resolve_precision(cfg.precision, device)[0]
-
-
-#: RunConfig keys left out of a cell's identity, and why: what is run (the lists; one cell is one
-#: method and one seed), where it runs and is logged (device: the same experiment on other
-#: hardware; checkpoint_every: resuming is bit for bit), what is swept afterwards from the cached
-#: logits (a sweep is redone when its grid changes), and data_dir (the data's fingerprints stand
-#: for the data wherever it was read from). Every other key, present or future, is identity.
-NOT_IDENTITY = frozenset({
-    "include", "methods", "signals", "seeds", "method_params", "device", "checkpoint_every", "data_dir", "output",
-    "tracking_uri", "no_mlflow", "num_thresholds", "confirm_thresholds", "progress", "keep_checkpoint",
-    # how operating points are chosen from the cached logits: analysis settings, no number of the cell changes
-    "cal_fraction", "folds", "split_repeats", "split_seed", "epsilon", "delta",
-})
-
-
-def resolve_model_settings(cfg: RunConfig, num_labels: int) -> dict[str, Any]:
-    """The model settings a cell really uses: pooling and final pooling (the backbone's
-    recommendation when not given), the number of kept layers K and the backbone's depth."""
-    from transformers import AutoConfig
-
-    mcfg = MultiExitConfig(model=cfg.model, num_labels=num_labels, pooling=cfg.pooling,
-                           final_pooling=cfg.final_pooling, num_layers=cfg.num_layers).resolved()
-    path, _ = resolve_model(cfg.model)
-    try:
-        total = int(AutoConfig.from_pretrained(path).num_hidden_layers)
-    except (OSError, ValueError) as e:
-        raise EebenchError(f"cannot load model {cfg.model!r} ({path}): {str(e).splitlines()[0]}") from None
-    k = total if cfg.num_layers is None else cfg.num_layers
-    if not 1 <= k <= total:
-        raise EebenchError(f"--num-layers {k} is outside 1..{total} for model {cfg.model!r}")
-    return {"pooling": mcfg.pooling, "final_pooling": mcfg.final_pooling, "num_layers": k, "backbone_layers": total}
-
-
-def cell_config(cfg: RunConfig, method: str, seed: int, spec, method_params: dict, model_settings: dict,
-                data_info: dict) -> dict[str, Any]:
-    """A cell's identity: everything that changes its numbers, fully resolved.
-
-    The run config with every default filled in (less ``NOT_IDENTITY``), the method's resolved
-    hyper-parameters, the model's resolved pooling / head lr / micro-batch / layers, the task's
-    metrics, the train and dev data fingerprints and eebench's ``MATHS_VERSION``. Two cells share
-    an identity exactly when they would produce the same numbers."""
-    from eebench import MATHS_VERSION
-
-    attn, precision = speed_settings(cfg)  # as they will run, not as asked: both change the numbers
-    ident = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IDENTITY}
-    ident.update({
-        "attn_implementation": attn,
-        "precision": precision,
-        "maths_version": MATHS_VERSION,
-        "task": spec.name,
-        "method": method,
-        "method_params": dict(sorted(method_params.items())),
-        "seed": seed,
-        "head_lr": cfg.lr if cfg.head_lr is None else cfg.head_lr,
-        "micro_batch_size": cfg.micro_batch_size or cfg.batch_size,
-        **model_settings,
-        "main_metric": spec.main_metric,
-        "metrics": list(spec.metrics),
-        "train_split": spec.train_split,
-        "eval_split": spec.eval_split,
-        "train_fingerprint": data_info["train_fingerprint"],
-        "dev_fingerprint": data_info["dev_fingerprint"],
-        "train_rows": data_info["train_rows"],
-        "dev_rows": data_info["dev_rows"],
-    })
-    return json.loads(json.dumps(ident, sort_keys=True, default=str))  # as it reads back from JSON
-
-
-def cell_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def check_identity(d: Path, stored: dict, expected: dict) -> None:
-    """Refuse to reuse a cell folder whose recorded identity is not ``expected``."""
-    if stored == expected:
-        return
-    keys = sorted(k for k in set(stored) | set(expected) if stored.get(k, "<absent>") != expected.get(k, "<absent>"))
-    raise EebenchError(f"cell folder {d} holds a cell of another configuration (differs in {', '.join(keys)}); "
-                       "it is not reused: move or delete that folder and run again")
 
 
 def signals_to_sweep(result: CellResult, signals: list[str], num_thresholds: int) -> list[str]:
@@ -137,138 +47,6 @@ def signals_to_sweep(result: CellResult, signals: list[str], num_thresholds: int
                           and result.method != "final-only"):
             out.append(s)
     return out
-
-
-def validate(cfg: RunConfig):
-    """Check every setting before any work starts (exit code 2 with the accepted values), and
-    create nothing: the output folder is only checked for being writable. ``Runner.prepare``
-    then loads the data before the first file is written."""
-    from eebench.data import check_trainable, get_task
-    from eebench.model.accel import check_attn_implementation
-    from eebench.plugins import load_include
-    from eebench.strategy import build_strategy, get_method
-
-    load_include(cfg.include)  # also in Ray workers, which rebuild the config from its dump
-    spec = get_task(cfg.task)
-    check_trainable(spec)
-    check_attn_implementation(cfg.attn_implementation)
-    speed_settings(cfg)  # fp16 on the CPU, an unknown device: refused before any work
-    for m in dict.fromkeys([*cfg.methods, *cfg.method_params]):  # overrides of other methods are checked too
-        get_method(m)
-        build_strategy(m, cfg.method_params.get(m))
-    check_run_policies(cfg.signals, {m: cfg.method_params.get(m) for m in cfg.methods}, spec.num_labels)
-    operating_settings(cfg)
-    if not cfg.seeds:
-        raise EebenchError("--seeds is empty; give at least one seed, e.g. --seeds 42")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise EebenchError(f"unknown precision {cfg.precision!r}; known: fp32, bf16, fp16")
-    for flag, v in (("--pooling", cfg.pooling), ("--final-pooling", cfg.final_pooling)):
-        if v is not None and v not in ("cls", "mean", "pooler"):
-            raise EebenchError(f"unknown {flag} {v!r}; known: cls, mean, pooler")
-    check_device(cfg.device)
-    check_model(cfg.model, cfg.num_layers)
-    check_writable(Path(cfg.output))
-    return spec
-
-
-def check_device(device: str) -> None:
-    """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` (when that GPU exists) or ``mps`` (when present)."""
-    from eebench.util import pick_device
-
-    known = "auto, cpu, cuda, cuda:N, mps"
-    if device == "auto":
-        return
-    try:
-        dev = pick_device(device)
-    except EebenchError:
-        raise EebenchError(f"unknown device {device!r}; known: {known}") from None
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise EebenchError(f"device {device!r}: no CUDA GPU is visible; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= n:
-            raise EebenchError(f"device {device!r}: only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
-        return
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise EebenchError(f"device {device!r}: MPS is not available on this machine; use --device cpu (or auto)")
-        return
-    raise EebenchError(f"unsupported device {device!r}; known: {known}")
-
-
-def backbone_layers(model: str) -> int | None:
-    """Layers of the backbone ``model`` from its config alone (no weights loaded); None when the
-    config cannot tell (the model constructor checks again)."""
-    from transformers import AutoConfig
-
-    path, _ = resolve_model(model)
-    try:
-        if (Path(path) / "backbone_config.json").exists():  # a saved eebench model
-            conf = json.loads((Path(path) / "backbone_config.json").read_text())
-            conf = AutoConfig.for_model(**conf)
-        else:
-            conf = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise EebenchError(f"cannot load model {model!r}: {str(e).splitlines()[0][:200]}") from None
-    n = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layers", None)
-    return int(n) if n else None
-
-
-def check_model(model: str, num_layers: int | None) -> None:
-    total = backbone_layers(model)
-    if num_layers is not None and total is not None and not 1 <= num_layers <= total:
-        raise EebenchError(f"--num-layers {num_layers} is outside 1..{total} for model {model!r}")
-
-
-def check_writable(out: Path) -> None:
-    """``out`` exists as a writable folder or can be created (nothing is left behind)."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
-        # A probe of its own (not a fixed name): cells validating the same folder at once on Ray
-        # must not delete each other's probe.
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".eebench-write-test-"):
-            pass
-    except OSError as e:
-        raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
-
-
-def create_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EebenchError(f"output folder {out} cannot be written ({e.strerror}); choose another with --output") from None
-
-
-def operating_settings(cfg: RunConfig):
-    """The split and the optional guarantee of the held-out summaries (checked: exit 2 if bad)."""
-    from eebench.exits.operating import SplitSpec, Target
-
-    split = SplitSpec(cfg.cal_fraction, cfg.folds, cfg.split_repeats, cfg.split_seed)
-    split.check()
-    guarantee = Target(epsilon=cfg.epsilon, delta=cfg.delta) if cfg.epsilon is not None else None
-    Target(speedup=2.0, delta=cfg.delta).check() if guarantee is None else guarantee.check()
-    return split, guarantee
-
-
-def check_run_policies(names: list[str], methods: dict[str, dict | None], num_labels: int) -> None:
-    """Every exit policy asked for must exist on at least one method of the run (a method's own
-    policy, e.g. BERxiT's ``lte``, is swept on the cells of the methods that have it)."""
-    from eebench.exits.policies import available_policies, check_policy_names, get_policy
-
-    check_policy_names(names)
-    for s in names:
-        have = [m for m, p in methods.items() if s in available_policies(m, p)]
-        if not have:
-            raise EebenchError(
-                f"exit policy {s!r} is not available for any method of this run ({', '.join(methods)}); "
-                f"they have: {', '.join(sorted(set().union(*(available_policies(m, p) for m, p in methods.items()))))}")
-        get_policy(s, have[0], methods[have[0]]).check_task(num_labels)
 
 
 def cell_policy(result: CellResult, name: str):
@@ -803,98 +581,6 @@ def _print_cell(r: CellResult) -> None:
         print(f"    {s:9s} {summ}" + (f"; early-exit check: {mism} mismatches" if sw.confirm else ""), flush=True)
 
 
-def run_config_from(args: dict[str, Any], config_file: str | None, overrides: list[str]) -> RunConfig:
-    """Merge defaults < config file < command-line flags < ``key=value`` overrides."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    per_task: dict[str, dict[str, Any]] = {}
-    if config_file:
-        loaded = load_config_file(config_file)
-        per_task = loaded.pop("per_task", None) or {}
-        loaded.pop("description", None)
-        data.update(loaded)
-    given: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
-    for ov in overrides:
-        if "=" not in ov:
-            raise EebenchError(f"override {ov!r} is not key=value (e.g. epochs=2 or cosee.alpha=0.01)")
-        k, v = ov.split("=", 1)
-        val = yaml.safe_load(v) if v else None
-        if "." in k:  # method hyper-parameter: cosee.alpha=0.01
-            m, hp = k.split(".", 1)
-            given.setdefault("method_params", {}).setdefault(m, {})[hp] = val
-        else:
-            given[k] = val
-    # A recipe's per-task values (e.g. the lr that makes RTE learn) sit between the recipe's
-    # own values and what the user gave explicitly.
-    task = given.get("task", data.get("task", RunConfig.model_fields["task"].default))
-    if isinstance(task, str) and task in per_task:
-        extra = dict(per_task[task])
-        mp = extra.pop("method_params", None)
-        data.update(extra)
-        if mp:
-            for m, hp in mp.items():
-                data.setdefault("method_params", {}).setdefault(m, {}).update(hp)
-    for k, v in given.items():
-        if k == "method_params":
-            for m, hp in v.items():
-                data.setdefault("method_params", {}).setdefault(m, {}).update(hp)
-        else:
-            data[k] = v
-    from pydantic import ValidationError
-
-    try:
-        return RunConfig(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        known = ", ".join(RunConfig.model_fields)
-        if err["type"] == "extra_forbidden":
-            raise EebenchError(f"bad config value for {loc!r}: {err['msg']}; known keys: {known}") from None
-        name = str(err["loc"][0]) if err["loc"] else loc
-        flag = f"--{name.replace('_', '-')} ({name})" if name in RunConfig.model_fields else repr(loc)
-        raise EebenchError(f"bad value {err.get('input')!r} for {flag}: {err['msg']}") from None
-
-
-def list_recipes() -> dict[str, str]:
-    """Packaged recipes (``recipes/*.yaml``): name -> one-line description."""
-    from importlib import resources
-
-    import yaml
-
-    out = {}
-    for f in sorted(resources.files("eebench.recipes").iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
-            out[f.name[: -len(".yaml")]] = str((yaml.safe_load(f.read_text()) or {}).get("description", ""))
-    return out
-
-
-def load_config_file(name_or_path: str) -> dict[str, Any]:
-    """A run config: a YAML file's path, or the name of a packaged recipe (``paper``, ``cpu``)."""
-    from importlib import resources
-
-    import yaml
-
-    p = Path(name_or_path)
-    if p.exists():
-        text, where = p.read_text(), str(p)
-    elif name_or_path in list_recipes():
-        text, where = (resources.files("eebench.recipes") / f"{name_or_path}.yaml").read_text(), f"recipe {name_or_path}"
-    else:
-        raise EebenchError(f"config {name_or_path!r} is neither a file nor a recipe; recipes: "
-                           f"{', '.join(list_recipes())}")
-    try:
-        loaded = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise EebenchError(f"config {where} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise EebenchError(f"config {where} must be a mapping of key: value")
-    pt = loaded.get("per_task")
-    if pt is not None and not (isinstance(pt, dict) and all(isinstance(v, dict) for v in pt.values())):
-        raise EebenchError(f"config {where}: per_task must map task names to mappings of key: value")
-    return loaded
-
-
 def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int = 100, tracking_uri: str | None = None,
                 no_mlflow: bool = False) -> list[CellResult]:
     """``eebench sweep``: sweep saved cells with other signals, no retraining (from cached logits).
@@ -945,76 +631,8 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
     return out
 
 
-# --------------------------------------------------------------------------- cell locks
-_HELD: dict[Path, list] = {}
-#: The lock file of a cell folder: held by ``cell_lock``, probed by ``cell_busy``.
-LOCK_FILE = ".eebench.lock"
-
-
-@contextlib.contextmanager
-def cell_lock(d: Path, who: str = "") -> Iterator[None]:
-    """Hold the lock of cell folder ``d`` (an OS lock on ``d/.eebench.lock``: released by the
-    kernel when the holder dies, even by kill -9). A second process waits, saying so once.
-    Re-entrant within one process."""
-    from filelock import FileLock, Timeout
-
-    key = d.resolve()
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
-    d.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(d / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"{who} waiting: another eebench process is working on {d} (lock {d / LOCK_FILE})".strip(),
-              flush=True)
-        lock.acquire()
-    _HELD[key] = [lock, 1]
-    try:
-        yield
-    finally:
-        del _HELD[key]
-        lock.release()
-
-
-def cell_busy(d: Path) -> bool | None:
-    """Whether another process holds the lock of cell folder ``d`` now (None: cannot tell on this
-    platform). A non-blocking probe of the existing lock file, opened read-only: creates nothing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: filelock uses msvcrt there
-        return None
-    path = d / LOCK_FILE
-    if not path.exists():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(d: Path) -> None:
-    """Delete the temporary files of atomic writes (``.<name>.<random>.tmp``) that a killed
-    process left in a cell folder; call only while holding the cell's lock."""
-    for p in d.rglob(".*.tmp"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-
-
-__all__ = ["RunConfig", "Runner", "run_config_from", "sweep_saved", "cell_hash", "asdict"]
+# Re-exported: ``eebench.runs.runner`` stays the one import of the run machinery.
+__all__ = ["LOCK_FILE", "RunConfig", "Runner", "asdict", "cell_busy", "cell_config", "cell_hash", "cell_lock",
+           "cell_policy", "check_identity", "check_run_policies", "create_output", "list_recipes", "load_config_file",
+           "operating_settings", "remove_temporaries", "resolve_model_settings", "run_config_from", "signals_to_sweep",
+           "summarize", "sweep_saved", "validate"]

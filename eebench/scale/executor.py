@@ -171,7 +171,7 @@ def _cell_lock(cell_dir: Path) -> Iterator[None]:
     """One process at a time per cell folder (two trials may draw the same config): the second
     waits and then finds the cell finished. The runner's own lock (re-entrant, so that
     ``run_cell`` inside takes it again at no cost)."""
-    from eebench.runs.runner import cell_lock
+    from eebench.runs.locks import cell_lock
 
     with cell_lock(cell_dir):
         yield

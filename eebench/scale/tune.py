@@ -377,7 +377,9 @@ def tune(cfg, method: str, grid: list[str], search: str = "grid", samples: int |
     run of the tune run. Prints and saves the table of all trials and the best config; the same
     command (or ``resume=True``) resumes an interrupted search."""
     from eebench.exits.policies import check_policy_names
-    from eebench.runs.runner import Runner, cell_hash, create_output
+    from eebench.runs.checks import create_output
+    from eebench.runs.identity import cell_hash
+    from eebench.runs.runner import Runner
     from eebench.strategy import build_strategy, get_method
 
     opts = opts or RayOptions()
@@ -627,7 +629,7 @@ def add_tune_arguments(t) -> None:
 
 def cmd_tune(args) -> TuneSummary:
     """``eebench tune``: the RunConfig from flags / config file, then ``tune``."""
-    from eebench.runs.runner import run_config_from
+    from eebench.runs.recipes import run_config_from
 
     keys = ["task", "model", "train_samples", "train_subset", "eval_samples", "max_seq_length", "epochs", "lr", "head_lr",
             "batch_size", "micro_batch_size", "pooling", "final_pooling", "num_layers", "device", "precision",
