@@ -259,6 +259,61 @@ def test_dis_and_exit_rates_are_compared_with_the_reference_paired_by_seed_with_
     assert exit_rates_versus_table([cell("cosee", 1, 0.8), cell("vanilla", 1, 0.7)], "cosee", "energy") is None  # no rates
 
 
+def test_each_claim_is_its_own_holm_family_so_rows_outside_it_do_not_move_its_verdict(tmp_path):
+    """claims_tables: each of the paper's claims as the comparisons that make it up, with Holm's
+    adjustment over that claim's tests only. Adding a baseline row changes the whole-table Holm
+    values of versus / DIS tables but not a claim's; rows outside every claim are not shown."""
+    from scipy import stats
+
+    from eebench.reports.report import claims_tables, dis_versus_table, holm
+
+    def dis_cell(method, s, acc, dis):
+        return _with_dis_and_rates(cell(method, s, acc), dis, [0.0, 0.1], [0.5, 0.3])
+
+    ref = [dis_cell("cosee", s, 0.8, [0.70 + s / 100, 0.6, 0.8, None]) for s in (1, 2, 3)]
+    van = [dis_cell("vanilla", s, 0.7 + s / 50, [0.57 + s / 20, 0.6, 0.7, None]) for s in (1, 2, 3)]
+    two = [dis_cell("two-stage", s, 0.7 + s / 40, [0.60 + s / 30, 0.5, 0.7, None]) for s in (1, 2, 3)]
+    ent = [cell("cosee-entropy", s, 0.8) for s in (1, 2, 3)]
+    for c, s in zip(ent, (1, 2, 3), strict=True):  # COSEE trained with entropy, swept with it
+        c.sweeps["entropy"] = SignalSweep(signal="entropy", points=c.sweeps.pop("energy").points, summary={})
+        c.sweeps["entropy"].points[1]["accuracy"] = 0.78 + s / 100
+    base = ref + van + two + ent
+    # a baseline whose DIS differences are noise (large p): ranked after the claim's tests, they
+    # raise the multipliers of a whole-table Holm family
+    noise = {1: 0.3, 2: -0.3, 3: 0.25}
+    baseline = [dis_cell("gpfee", s, 0.9, [0.71 + noise[s], 0.6 - noise[s], 0.8 + noise[s] / 2, None]) for s in (1, 2, 3)]
+
+    claims = claims_tables(base)
+    assert sorted(claims) == ["claim1", "claim3", "claim4", "claim5"]  # no ablation rows: no claim 2
+    c1 = claims["claim1"][1]
+    assert list(c1.index) == ["vanilla / energy minus cosee / energy", "two-stage / energy minus cosee / energy"]
+    assert "cosee-entropy" not in " ".join(c1.index)  # another signal's row is claim 5's, not claim 1's
+    assert list(claims["claim5"][1].index) == ["cosee-entropy / entropy minus cosee / energy"]
+    # claim 3's family is its six DIS tests (2 rows x 3 layers), not the table's
+    c3 = claims["claim3"][1]
+    d = {m: [[x[i] - y[i] for x, y in zip([c.sweeps["energy"].dis for c in cs], [c.sweeps["energy"].dis for c in ref],
+                                          strict=True)] for i in range(3)] for m, cs in (("vanilla", van), ("two-stage", two))}
+
+    def p(diffs):
+        return stats.ttest_1samp(diffs, 0.0).pvalue if statistics.stdev(diffs) > 0 else (1.0 if statistics.mean(diffs) == 0 else 0.0)
+
+    ps = [p(d[m][i]) for m in ("vanilla", "two-stage") for i in range(3)]
+    assert c3.loc["vanilla minus cosee / energy", "L1"].endswith(f"p={ps[0]:.2f}, Holm {holm(ps)[0]:.2f})")
+    # a baseline joins: the DIS table's Holm values grow, the claim's do not move
+    with_baseline = base + baseline
+    assert claims_tables(with_baseline)["claim3"][1].equals(c3)
+    assert claims_tables(with_baseline)["claim1"][1].equals(c1)
+    whole_before = dis_versus_table(base, "cosee", "energy").loc["vanilla", "L1"]
+    whole_after = dis_versus_table(with_baseline, "cosee", "energy").loc["vanilla", "L1"]
+    assert whole_before != whole_after and whole_before.split("Holm")[0] == whole_after.split("Holm")[0]
+    assert not any("gpfee" in i for _, df in claims_tables(with_baseline).values() for i in df.index)
+
+    report(with_baseline, tmp_path, operating="oracle")
+    text = (tmp_path / "toy" / "claim3.md").read_text()
+    assert "vanilla minus cosee / energy" in text and "gpfee" not in text
+    assert not (tmp_path / "toy" / "claim2.md").exists()
+
+
 def test_every_front_is_compared_with_the_budget_row_at_its_speed_up_paired_by_seed(tmp_path):
     from scipy import stats
 

@@ -379,6 +379,14 @@ def _front_value(r: CellResult, s: str, x: float, operating: HeldOut | None = No
 
 def versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
                  speedups=SPEEDUPS, operating: HeldOut | None = None) -> pd.DataFrame | None:
+    """Every (configuration, exit signal) against one reference (``_versus_rows``), as a table of
+    paired differences with one Holm family (``_paired_frame``)."""
+    got = _versus_rows(results, reference, signal, speedups, operating)
+    return None if got is None else _paired_frame(*got)
+
+
+def _versus_rows(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
+                 speedups=SPEEDUPS, operating: HeldOut | None = None):
     """Every (configuration, exit signal) against one reference (configuration ``reference`` with
     ``signal`` exits), paired by seed: the mean ± std over seeds of (its metric - the reference's)
     at each speed-up (x100), held out when ``operating`` is given, else oracle, with the two-sided
@@ -406,11 +414,16 @@ def versus_table(results: list[CellResult], reference: str = "cosee", signal: st
             rows[f"{g.label} / {s}"] = [diffs(g, s, x) for x in speedups]
     if not rows:
         return None
-    return _paired_frame(rows, [f"{x:g}x" for x in speedups],
-                         f"configuration / exit signal, minus {reference} / {signal}")
+    return rows, [f"{x:g}x" for x in speedups], f"configuration / exit signal, minus {reference} / {signal}"
 
 
 def dis_versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy") -> pd.DataFrame | None:
+    """DIS per internal layer minus the reference's (``_dis_rows``), paired by seed, one Holm family."""
+    got = _dis_rows(results, reference, signal)
+    return None if got is None else _paired_frame(*got, scale=1.0, digits=3)
+
+
+def _dis_rows(results: list[CellResult], reference: str = "cosee", signal: str = "energy"):
     """The difficulty inversion score (DIS, Fig. 5) of every configuration's internal layers minus
     the reference's, both with ``signal`` exits, paired by seed (``_paired_frame``; DIS is a
     fraction, shown with three decimals). None when the reference has no DIS for ``signal``."""
@@ -435,12 +448,18 @@ def dis_versus_table(results: list[CellResult], reference: str = "cosee", signal
     rows = {k: v for k, v in rows.items() if any(v)}
     if not rows:
         return None
-    return _paired_frame(rows, [f"L{i + 1}" for i in range(layers)],
-                         f"configuration, DIS minus {reference}'s ({signal} exits)", scale=1.0, digits=3)
+    return rows, [f"L{i + 1}" for i in range(layers)], f"configuration, DIS minus {reference}'s ({signal} exits)"
 
 
 def exit_rates_versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy",
                             speedups=SPEEDUPS) -> pd.DataFrame | None:
+    """Premature and delayed exit rates minus the reference's (``_rates_rows``), paired by seed, one
+    Holm family."""
+    got = _rates_rows(results, reference, signal, speedups)
+    return None if got is None else _paired_frame(*got)
+
+
+def _rates_rows(results: list[CellResult], reference: str = "cosee", signal: str = "energy", speedups=SPEEDUPS):
     """Premature and delayed exiting rates (Fig. 11; x100, on the whole dev set) of every
     configuration minus the reference's at each speed-up, both with ``signal`` exits, paired by
     seed (``_paired_frame``). A rate at a speed-up is read off the cell's swept points by linear
@@ -474,8 +493,55 @@ def exit_rates_versus_table(results: list[CellResult], reference: str = "cosee",
                 rows[f"{g.label} / {what}"] = cols
     if not rows:
         return None
-    return _paired_frame(rows, [f"{x:g}x" for x in speedups],
-                         f"configuration / exit rate, minus {reference}'s ({signal} exits)")
+    return rows, [f"{x:g}x" for x in speedups], f"configuration / exit rate, minus {reference}'s ({signal} exits)"
+
+
+#: The COSEE paper's claims that the study tests, each as the paired comparisons that make it up:
+#: (kind, reference configuration, reference signal, rows of that kind's table). Kinds: ``versus``
+#: (held-out front at 1.5x-4x, ``_versus_rows``), ``dis`` (DIS per layer, ``_dis_rows``), ``rates``
+#: (premature / delayed rates, ``_rates_rows``). A claim's tests are one Holm family of their own.
+CLAIMS: dict[str, tuple[str, list[tuple[str, str, str, list[str]]]]] = {
+    "claim1": ("COSEE's energy front above vanilla's, PABEE's (weighted) and DeeBERT's (two-stage) (Table 2)",
+               [("versus", "cosee", "energy", ["vanilla / energy", "weighted / energy", "two-stage / energy"])]),
+    "claim2": ("SWM and OSC each help, most at high speed-ups (Fig. 4)",
+               [("versus", "cosee", "energy", ["cosee-no-swm / energy", "cosee-no-osc / energy"])]),
+    "claim3": ("COSEE raises DIS, mostly on shallow layers (Fig. 5)",
+               [("dis", "cosee", "energy", ["vanilla", "weighted", "two-stage"])]),
+    "claim4": ("COSEE lowers premature and delayed exits (Fig. 11)",
+               [("rates", "cosee", "energy", [f"{m} / {k}" for m in ("vanilla", "weighted", "two-stage")
+                                              for k in ("premature", "delayed")])]),
+    "claim5": ("energy >= entropy >= max softmax under COSEE (Figs. 8, 9): each COSEE variant with the signal it "
+               "was trained with",
+               [("versus", "cosee", "energy", ["cosee-entropy / entropy"]),
+                ("versus", "cosee-entropy", "entropy", ["cosee-softmax / softmax"])]),
+}
+
+
+def claims_tables(results: list[CellResult], operating: HeldOut | None = None) -> dict[str, tuple[str, pd.DataFrame]]:
+    """One table per claim of ``CLAIMS`` that has at least one comparison in ``results``: name ->
+    (the claim, its paired differences). Holm's adjustment runs over that claim's tests only, so a
+    claim's verdict does not move when rows outside it (the baselines, other signals) join the
+    study, as it does in ``versus_table``, whose family is every row of the table."""
+    kinds = {"versus": lambda ref, sig: _versus_rows(results, ref, sig, SPEEDUPS, operating),
+             "dis": lambda ref, sig: _dis_rows(results, ref, sig),
+             "rates": lambda ref, sig: _rates_rows(results, ref, sig, SPEEDUPS)}
+    out = {}
+    for name, (claim, parts) in CLAIMS.items():
+        rows, columns, kind = {}, None, None
+        for k, ref, sig, wanted in parts:
+            got = kinds[k](ref, sig)
+            if got is None:
+                continue
+            have, columns, kind = got[0], got[1], k
+            for row in wanted:
+                if row in have:
+                    rows[f"{row} minus {ref} / {sig}"] = have[row]
+        if rows:
+            scale, digits = (1.0, 3) if kind == "dis" else (100.0, 1)
+            index = {"versus": "comparison (x100)", "dis": "comparison, DIS per layer",
+                     "rates": "comparison, exit rate (x100)"}[kind]
+            out[name] = (claim, _paired_frame(rows, columns, index, scale=scale, digits=digits))
+    return out
 
 
 def budget_versus_table(results: list[CellResult], operating: HeldOut | None = None) -> pd.DataFrame | None:
@@ -695,6 +761,10 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             tables[f"exit_rates_versus_{ref_name}"] = (
                 f"premature and delayed exiting rates (Fig. 11; x100, whole dev set, lower is better) minus "
                 f"{reference}'s at several speed-ups, {ref_signal} exits, {PAIRED_NOTE}", rates)
+        for name, (claim, df) in claims_tables(rs, held).items():
+            tables[name] = (f"the paper's {name.replace('claim', 'claim ')}: {claim}; its paired comparisons "
+                            f"({'held out' if held is not None else 'oracle'} where a front is read), "
+                            f"{PAIRED_NOTE.replace('every test of this table', 'every test of this claim')}", df)
         text.append(hdr)
         for name, (caption, df) in tables.items():
             rendered = render(df, fmt)
