@@ -347,10 +347,14 @@ def _paired_frame(rows: dict[str, list[list[float]]], columns: list[str], index_
     return df
 
 
-PAIRED_NOTE = ("paired by seed (mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
-               "|t| > 4.30 gives p < 0.05; Holm: that p adjusted for every test of this table, by Holm's "
-               "step-down method: of many raw p-values about one in twenty is below 0.05 by chance, the "
-               "adjusted one is below 0.05 only when some difference is real at that level)")
+#: How a paired table reads; ``{family}``: what Holm's adjustment runs over (a table, or a claim).
+PAIRED_NOTE_FOR = ("paired by seed (mean ± std over seeds; p: two-sided paired t-test over seeds: with 3 seeds only "
+                   "|t| > 4.30 gives p < 0.05; Holm: that p adjusted for every test of this {family}, by Holm's "
+                   "step-down method: of many raw p-values about one in twenty is below 0.05 by chance, the "
+                   "adjusted one is below 0.05 only when some difference is real at that level)")
+PAIRED_NOTE = PAIRED_NOTE_FOR.format(family="table")
+#: DIS is a fraction: shown as is, with three decimals (the other paired tables: x100, one decimal)
+DIS_FORMAT = {"scale": 1.0, "digits": 3}
 
 
 def _fronts(results: list[CellResult], reference: str):
@@ -420,7 +424,7 @@ def _versus_rows(results: list[CellResult], reference: str = "cosee", signal: st
 def dis_versus_table(results: list[CellResult], reference: str = "cosee", signal: str = "energy") -> pd.DataFrame | None:
     """DIS per internal layer minus the reference's (``_dis_rows``), paired by seed, one Holm family."""
     got = _dis_rows(results, reference, signal)
-    return None if got is None else _paired_frame(*got, scale=1.0, digits=3)
+    return None if got is None else _paired_frame(*got, **DIS_FORMAT)
 
 
 def _dis_rows(results: list[CellResult], reference: str = "cosee", signal: str = "energy"):
@@ -499,7 +503,8 @@ def _rates_rows(results: list[CellResult], reference: str = "cosee", signal: str
 #: The COSEE paper's claims that the study tests, each as the paired comparisons that make it up:
 #: (kind, reference configuration, reference signal, rows of that kind's table). Kinds: ``versus``
 #: (held-out front at 1.5x-4x, ``_versus_rows``), ``dis`` (DIS per layer, ``_dis_rows``), ``rates``
-#: (premature / delayed rates, ``_rates_rows``). A claim's tests are one Holm family of their own.
+#: (premature / delayed rates, ``_rates_rows``); the parts of one claim are of one kind. A claim's tests
+#: are one Holm family of their own.
 CLAIMS: dict[str, tuple[str, list[tuple[str, str, str, list[str]]]]] = {
     "claim1": ("COSEE's energy front above vanilla's, PABEE's (weighted) and DeeBERT's (two-stage) (Table 2)",
                [("versus", "cosee", "energy", ["vanilla / energy", "weighted / energy", "two-stage / energy"])]),
@@ -522,25 +527,25 @@ def claims_tables(results: list[CellResult], operating: HeldOut | None = None) -
     (the claim, its paired differences). Holm's adjustment runs over that claim's tests only, so a
     claim's verdict does not move when rows outside it (the baselines, other signals) join the
     study, as it does in ``versus_table``, whose family is every row of the table."""
-    kinds = {"versus": lambda ref, sig: _versus_rows(results, ref, sig, SPEEDUPS, operating),
-             "dis": lambda ref, sig: _dis_rows(results, ref, sig),
-             "rates": lambda ref, sig: _rates_rows(results, ref, sig, SPEEDUPS)}
+    # kind -> (its rows against a reference, the index name, how values are shown)
+    kinds = {"versus": (lambda ref, sig: _versus_rows(results, ref, sig, SPEEDUPS, operating), "comparison (x100)", {}),
+             "dis": (lambda ref, sig: _dis_rows(results, ref, sig), "comparison, DIS per layer", DIS_FORMAT),
+             "rates": (lambda ref, sig: _rates_rows(results, ref, sig, SPEEDUPS), "comparison, exit rate (x100)", {})}
+    built: dict[tuple[str, str, str], tuple | None] = {}  # claims share references (cosee / energy)
     out = {}
     for name, (claim, parts) in CLAIMS.items():
-        rows, columns, kind = {}, None, None
+        kind = parts[0][0]  # one kind per claim: its tests share the columns
+        rows, columns = {}, None
         for k, ref, sig, wanted in parts:
-            got = kinds[k](ref, sig)
+            if (k, ref, sig) not in built:
+                built[(k, ref, sig)] = kinds[k][0](ref, sig)
+            got = built[(k, ref, sig)]
             if got is None:
                 continue
-            have, columns, kind = got[0], got[1], k
-            for row in wanted:
-                if row in have:
-                    rows[f"{row} minus {ref} / {sig}"] = have[row]
+            have, columns = got[0], got[1]
+            rows.update({f"{row} minus {ref} / {sig}": have[row] for row in wanted if row in have})
         if rows:
-            scale, digits = (1.0, 3) if kind == "dis" else (100.0, 1)
-            index = {"versus": "comparison (x100)", "dis": "comparison, DIS per layer",
-                     "rates": "comparison, exit rate (x100)"}[kind]
-            out[name] = (claim, _paired_frame(rows, columns, index, scale=scale, digits=digits))
+            out[name] = (claim, _paired_frame(rows, columns, kinds[kind][1], **kinds[kind][2]))
     return out
 
 
@@ -764,7 +769,7 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
         for name, (claim, df) in claims_tables(rs, held).items():
             tables[name] = (f"the paper's {name.replace('claim', 'claim ')}: {claim}; its paired comparisons "
                             f"({'held out' if held is not None else 'oracle'} where a front is read), "
-                            f"{PAIRED_NOTE.replace('every test of this table', 'every test of this claim')}", df)
+                            f"{PAIRED_NOTE_FOR.format(family='claim')}", df)
         text.append(hdr)
         for name, (caption, df) in tables.items():
             rendered = render(df, fmt)

@@ -631,7 +631,8 @@ def sweep_saved(results_dir: str | Path, signals: list[str], num_thresholds: int
     return out
 
 
-# Re-exported: ``eebench.runs.runner`` stays the one import of the run machinery.
+# The names this module had before recipes, checks, identity and locks moved out, re-exported for
+# existing imports; new code imports a name from the module that defines it.
 __all__ = ["LOCK_FILE", "RunConfig", "Runner", "asdict", "cell_busy", "cell_config", "cell_hash", "cell_lock",
            "cell_policy", "check_identity", "check_run_policies", "create_output", "list_recipes", "load_config_file",
            "operating_settings", "remove_temporaries", "resolve_model_settings", "run_config_from", "signals_to_sweep",
