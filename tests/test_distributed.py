@@ -256,6 +256,8 @@ def test_lost_worker_is_retried_from_the_cell_checkpoint(local_ray, tiny_backbon
     assert marker.exists() and out.error is None
     assert out.pid != int(marker.read_text())  # a new worker finished it ...
     assert out.result.training["resumed_from_step"] > 0  # ... from the checkpoint the lost one wrote
+    t = out.result.training  # its training seconds count the lost worker's, up to that checkpoint
+    assert 0 < t["seconds_before_resume"] < t["seconds"]
     assert len(out.result.training["history"]) == 2
 
 

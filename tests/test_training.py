@@ -69,11 +69,35 @@ def test_resume_after_kill_matches_uninterrupted(toy, tmp_path, monkeypatch):
     state = checkpoint_state(ckpt)
     assert state["state"]["step"] == 8 and state["state"]["epoch"] == 1  # mid-epoch checkpoint
     assert state["strategy"]["lo"] != 0.0 or state["strategy"]["hi"] != 1.0  # COSEE range after epoch 1
+    assert 0 < state["state"]["train_seconds"]  # the first process's training time up to the checkpoint
     resumed, _, res = _train(toy, "cosee", out=tmp_path / "b", epochs=2, checkpoint_every=2, resume=True)
     assert res.resumed_from_step == 8
+    assert res.seconds_before_resume == state["state"]["train_seconds"]
+    assert res.total_seconds == res.seconds_before_resume + res.train_seconds
     assert res.steps == 12 and len(res.history) == 2
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_a_resume_from_a_checkpoint_without_its_training_time_says_the_total_is_unknown(toy, tmp_path, monkeypatch):
+    """Checkpoints written before eebench recorded training time resume as before; the earlier
+    processes' time is then unknown (None), not taken as zero."""
+    import json
+
+    from eebench.training.trainer import _sha256
+
+    interrupted_at_step(monkeypatch, 5, lambda: _train(toy, "vanilla", out=tmp_path / "b", epochs=1, checkpoint_every=2))
+    ckpt = tmp_path / "b" / "checkpoint"
+    pointer = json.loads((ckpt / "current.json").read_text())
+    f = ckpt / pointer["generation"] / "trainer_state.json"
+    doc = json.loads(f.read_text())
+    del doc["state"]["train_seconds"]  # as an older eebench wrote it
+    f.write_text(json.dumps(doc))
+    pointer["files"]["trainer_state.json"] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (ckpt / "current.json").write_text(json.dumps(pointer))
+    _, _, res = _train(toy, "vanilla", out=tmp_path / "b", epochs=1, checkpoint_every=2, resume=True)
+    assert res.resumed_from_step == 4 and res.steps == 6
+    assert res.seconds_before_resume is None and res.total_seconds is None
 
 
 def test_resume_with_method_modules_and_per_step_objectives(toy, tmp_path, monkeypatch):

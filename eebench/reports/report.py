@@ -258,12 +258,22 @@ def layer_table(results: list[CellResult]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
 
 
+def _training_seconds(t: dict) -> str:
+    """A cell's training seconds for the cells table: a lower bound ("≥") when it resumed from a
+    checkpoint that did not record the earlier processes' time (cells written before it did)."""
+    if t.get("seconds") is None:
+        return "n/a"
+    partial = t.get("resumed_from_step") and t.get("seconds_before_resume") is None
+    return f"{'≥ ' if partial else ''}{t['seconds']:.0f}"
+
+
 def cells_table(results: list[CellResult], signal: str | None = None, operating: HeldOut | None = None,
                 target: Target | None = None) -> pd.DataFrame:
     """One row per cell, in the tables' order: what a report is made of and where it came from.
 
     Configuration label, seed, cell id, final-layer dev score (x100), optimiser steps, training
-    seconds (of the last process, when it resumed: ``resumed from step``), the machine and thread
+    seconds (over all the processes of a cell that resumed, ``resumed from step``; "≥ s" where its
+    checkpoint predates that record and only the last process's time is known), the machine and thread
     count it trained on (numbers are bit-reproducible only on the same kind of CPU), and whether
     early exit at the confirmed thresholds matched the simulation (mismatches / thresholds). With
     ``signal`` and ``operating``, also each cell's own held-out point for ``target`` (mean ± std
@@ -284,7 +294,7 @@ def cells_table(results: list[CellResult], signal: str | None = None, operating:
             rows.append({"configuration": g.label, "seed": r.seed, "cell": r.cell_id,
                          f"final layer {metric}": f"{100 * r.layers[-1][metric]:.1f}" if r.layers else "n/a",
                          "steps": t.get("steps", "n/a"),
-                         "training s": f"{t['seconds']:.0f}" if t.get("seconds") is not None else "n/a",
+                         "training s": _training_seconds(t),
                          "resumed from step": t.get("resumed_from_step", 0) or "",
                          **({f"held-out {metric}, {signal}, {_short(target)}": _pooled(
                              [operating.cell(r, signal, target)] if signal in r.sweeps else [],

@@ -394,7 +394,11 @@ class Runner:
         result = CellResult(
             cell_id=h, task=self.spec.name, method=method, seed=seed, config=cc, data=info, settings=settings,
             model=model_info,
-            training={"history": tr.history, "steps": tr.steps, "seconds": tr.train_seconds,
+            # seconds: all processes' training time when known, else (a resume from a checkpoint
+            # that predates the record) this process's; seconds_before_resume None says which.
+            training={"history": tr.history, "steps": tr.steps,
+                      "seconds": tr.train_seconds if tr.total_seconds is None else tr.total_seconds,
+                      "seconds_before_resume": tr.seconds_before_resume,
                       "resumed_from_step": tr.resumed_from_step, "hparams": strategy.hparams},
             layers=layers, warnings=warnings,
             timings={"train_s": t_train, "dev_forward_s": t_eval},

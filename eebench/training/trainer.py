@@ -65,8 +65,23 @@ class TrainConfig:
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # one entry per epoch: per-layer dev metrics
     steps: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # this process's training time
     resumed_from_step: int = 0
+    # Training time of the earlier processes, up to the checkpoint this one resumed from (the work
+    # after it was lost and redone): 0.0 for a run from the start, None when the checkpoint predates
+    # this record (written by eebench before it kept one).
+    seconds_before_resume: float | None = 0.0
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Training time of the steps that made the model, over all its processes; None if unknown."""
+        return None if self.seconds_before_resume is None else self.seconds_before_resume + self.train_seconds
+
+
+def _so_far(result: TrainResult, t0: float) -> float | None:
+    """Training seconds up to now over all processes (what a checkpoint records); None if unknown."""
+    before = result.seconds_before_resume
+    return None if before is None else before + (time.perf_counter() - t0)
 
 
 def seed_everything(seed: int) -> None:
@@ -208,6 +223,7 @@ class Trainer:
         if doc is not None:
             state, result.history = doc["state"], doc["history"]
             result.resumed_from_step = state["step"]
+            result.seconds_before_resume = state.get("train_seconds")
         scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and self.precision == "fp16") else None
         t0 = time.perf_counter()
         extra_groups = self.strategy.param_groups()
@@ -279,7 +295,7 @@ class Trainer:
                                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
                         state["micro"] = micro + 1
                         if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and not last:
-                            state.update(phase=pi, epoch=epoch)
+                            state.update(phase=pi, epoch=epoch, train_seconds=_so_far(result, t0))
                             self._save_checkpoint(ckpt, opt, sched, state, result.history)
                 bar.close()
                 self.strategy.on_epoch_end(epoch)
@@ -288,7 +304,7 @@ class Trainer:
                 result.history.append(entry)
                 if self.on_epoch:
                     self.on_epoch(len(result.history), entry)
-                state.update(phase=pi, epoch=epoch + 1, micro=0)
+                state.update(phase=pi, epoch=epoch + 1, micro=0, train_seconds=_so_far(result, t0))
                 if ckpt is not None:
                     self._save_checkpoint(ckpt, opt, sched, state, result.history)
             state.update(phase=pi + 1, epoch=0, micro=0)
