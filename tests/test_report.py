@@ -60,6 +60,32 @@ def test_rows_are_configurations_with_labels_and_seed_counts():
     assert lt.loc["cosee", "L4"] == f"82.0 ± {sd:.1f} (n=2)"
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "f1", "matthews"])
+def test_layer_table_ends_with_the_majority_class_score(metric):
+    """The last row is the dev score of always answering the majority class (the floor a layer must
+    clear), rebuilt from the per-label exit counts a sweep records and checked against sklearn."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    plain = [cell("vanilla", 1, 0.75), cell("cosee", 1, 0.8)]
+    assert "majority class (constant answer)" not in layer_table(plain).index  # sweeps without label counts
+    for negatives, positives in [(30, 18), (18, 30)]:
+        rs = [cell("vanilla", s, 0.75, main_metric=metric, metrics=[metric]) for s in (1, 2)]
+        for r in rs:
+            for p in r.sweeps["energy"].points:
+                p[metric] = p.pop("accuracy")
+                p["exit_counts_by_label"] = [[0, 0, 0, negatives], [0, 0, 0, positives]]
+            r.layers = [{metric: 0.75}] * 4
+        labels = [0] * negatives + [1] * positives
+        constant = [int(positives > negatives)] * 48
+        want = {"accuracy": accuracy_score, "f1": lambda y, p: f1_score(y, p, zero_division=0),
+                "matthews": matthews_corrcoef}[metric](labels, constant)
+        lt = layer_table(rs)
+        assert lt.index[-1] == "majority class (constant answer)"
+        assert lt.iloc[-1].tolist() == [f"{100 * want:.1f}"] * 4
+        assert lt.loc["vanilla", "L1"] == "75.0 ± 0.0 (n=2)"
+    assert want == {"accuracy": 30 / 48, "f1": 2 * 30 / (48 + 30), "matthews": 0.0}[metric]
+
+
 def test_settings_that_differ_are_named():
     rs = [cell("vanilla", 1, 0.7), cell("vanilla", 1, 0.8, epochs=3), cell("vanilla", 1, 0.6, model="other"),
           cell("vanilla", 2, 0.5, lr=5e-3, head_lr=5e-3)]

@@ -106,3 +106,11 @@ def compute_metrics(names: list[str], preds, labels) -> dict[str, float]:
     return {n: get_metric(n)(preds, labels) for n in names}
 
 
+def majority_score(name: str, labels) -> float:
+    """Metric ``name`` of always answering the most frequent class of ``labels`` (the first on a
+    tie): the floor an exit classifier must clear to be of any use (accuracy: that class's share;
+    Matthews: 0; F1: 0 unless the positive class is the majority)."""
+    labels = np.asarray(labels).astype(np.int64)
+    return get_metric(name)(np.full(len(labels), int(np.bincount(labels).argmax())), labels)
+
+

@@ -8,8 +8,10 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from eebench.data.metrics import get_metric, majority_score
 from eebench.errors import EebenchError
 from eebench.exits.operating import SplitSpec, Target
 from eebench.exits.rule import metric_at_speedup
@@ -245,8 +247,29 @@ def ablation_table(results: list[CellResult], signal: str = "energy", speedups=S
     return df
 
 
+MAJORITY_ROW = "majority class (constant answer)"
+
+
+def _majority(results: list[CellResult]) -> float | None:
+    """Dev score of always answering the dev set's most frequent class, from the per-label exit
+    counts a sweep records (every cell of a task shares one dev set; ``group_cells`` checks it).
+    None for regression tasks and for results whose sweeps predate those counts."""
+    for r in results:
+        metric = r.config["main_metric"]
+        if get_metric(metric).regression:
+            return None
+        for sw in r.sweeps.values():
+            by_label = sw.points[0].get("exit_counts_by_label") if sw.points else None
+            if by_label:
+                counts = [sum(c) for c in by_label]
+                return majority_score(metric, np.repeat(np.arange(len(counts)), counts))
+    return None
+
+
 def layer_table(results: list[CellResult]) -> pd.DataFrame:
-    """Dev score (x100) of every exit classifier, per configuration (mean ± std over seeds, n)."""
+    """Dev score (x100) of every exit classifier, per configuration (mean ± std over seeds, n),
+    and a last row with the score of always answering the majority class: a layer at or below it
+    has learned nothing its exit can use."""
     rows = {}
     for g in group_cells(results):
         rs = g.cells
@@ -255,6 +278,9 @@ def layer_table(results: list[CellResult]) -> pd.DataFrame:
         rows[g.label] = [_mean_std([r.layers[i][metric] for r in rs if len(r.layers) == n]) for i in range(n)]
     n = max(len(v) for v in rows.values())
     rows = {k: v + [""] * (n - len(v)) for k, v in rows.items()}
+    base = _majority(results)
+    if base is not None:
+        rows[MAJORITY_ROW] = [f"{100 * base:.1f}"] * n
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"L{i + 1}" for i in range(n)])
 
 

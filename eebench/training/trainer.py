@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eebench.data.metrics import compute_metrics
+from eebench.data.metrics import compute_metrics, majority_score
 from eebench.errors import EebenchError
 from eebench.model.accel import autocast, resolve_precision
 from eebench.model.backbone import MultiExitModel
@@ -142,8 +142,7 @@ def layer_metrics(layer_logits: torch.Tensor, labels: torch.Tensor, metric_names
 def collapsed_layers(layer_logits: torch.Tensor, labels: torch.Tensor, metric: str, tol: float = 0.01) -> list[int]:
     """1-based internal layers whose dev score is no better (within ``tol``) than always
     predicting the majority class: their exits can only hurt."""
-    majority = torch.bincount(labels.long()).argmax()
-    base = compute_metrics([metric], np.full(len(labels), int(majority)), labels.numpy())[metric]
+    base = majority_score(metric, labels.numpy())
     scores = layer_metrics(layer_logits, labels, [metric])
     return [m + 1 for m, s in enumerate(scores[:-1]) if s[metric] <= base + tol]
 
