@@ -765,7 +765,8 @@ def report(results: list[CellResult], out_dir: str | Path | None, fmt: str = "ma
             tables[f"main_{speedup:g}x_oracle"] = (
                 f"oracle {metric} at >= {speedup:g}x speed-up (best point of the Pareto front at or above it, chosen "
                 "and scored on the same dev set: optimistic)", main_table(rs, speedup))
-        tables["layers"] = ("per-layer dev score of each exit classifier", layer_table(rs))
+        tables["layers"] = ("per-layer dev score of each exit classifier (last row, where the task has classes: "
+                            "always answering the dev set's majority class)", layer_table(rs))
         tables["cells"] = ("the cells behind these tables: training cost, machine, early exit checked against "
                            "the simulation", cells_table(rs, signal, held, target))
         if held is not None:
