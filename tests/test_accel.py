@@ -48,7 +48,12 @@ def test_cpu_info_agrees_with_proc_cpuinfo():
     assert info.native_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
     assert ("avx512_bf16" in info.flags) == ("avx512_bf16" in flags)
     assert info.model and info.model != "unknown"
-    assert set(accel.machine_info()) >= {"cpu_model", "cpu_flags", "native_bf16", "torch_threads"}
+    assert set(accel.machine_info()) >= {"cpu_model", "cpu_signature", "cpu_flags", "native_bf16", "torch_threads"}
+    ids = dict(line.split(":", 1) for line in p.read_text().splitlines() if line.count(":") and line[:1] != " ")
+    ids = {k.strip(): v.strip() for k, v in ids.items()}
+    if "cpu family" in ids:  # x86: the kind of CPU, which a VM's model name may hide
+        assert info.signature == f"family {ids['cpu family']} model {ids['model']} stepping {ids['stepping']}"
+        assert info.signature in accel.describe_cpu(accel.machine_info())
 
 
 @pytest.mark.parametrize("arch", ["bert", "albert", "distilbert", "roberta"])

@@ -146,6 +146,14 @@ def test_the_cells_table_lists_every_cell_with_its_cost_machine_and_exit_check(t
     a.training["seconds_before_resume"] = 4.0  # recorded: "seconds" is then the total over both processes
     assert cells_table([a])["training s"].iloc[0] == "12"
     assert va["trained on"] == "cpu, AMD EPYC, 1 thread(s)"
+    # the kind behind a generic model name: two "AMD EPYC" cells from other CPUs read apart
+    zen1 = {"cpu_model": "AMD EPYC", "cpu_signature": "family 23 model 1 stepping 2",
+            "torch_cpu_capability": "AVX2", "torch_threads": 1}
+    c.model |= {"device": "cpu", "machine": zen1}
+    assert cells_table([c])["trained on"].iloc[0] == "cpu, AMD EPYC (family 23 model 1 stepping 2, AVX2), 1 thread(s)"
+    c.model["machine"] = {"cpu_model": "AMD EPYC", "torch_cpu_capability": "AVX512", "torch_threads": 1}  # before signatures
+    assert cells_table([c])["trained on"].iloc[0] == "cpu, AMD EPYC (AVX512), 1 thread(s)"
+    del c.model["machine"]
     assert va["early exit == simulation"] == "3 mismatches / 2 thresholds"
     vb = df[df["cell"] == b.cell_id].iloc[0]
     assert vb["trained on"] == "cuda, NVIDIA H200, Intel Xeon, 8 thread(s)"

@@ -26,7 +26,7 @@ from eebench.inference.engine import (
     prepare_examples,
 )
 from eebench.inference.thresholds import one_pass_scores, pick_threshold
-from eebench.model.accel import autocast, machine_info, resolve_precision
+from eebench.model.accel import autocast, describe_cpu, machine_info, resolve_precision
 from eebench.model.backbone import MultiExitModel
 
 # --------------------------------------------------------------------------- measurement
@@ -330,8 +330,8 @@ def format_bench(result: dict) -> str:
     if "machine" in result:  # results written before precision / attention were recorded lack these
         mach = result["machine"]
         lines.append(f"precision {result['precision']}, attention {result['attn_implementation']}, CPU "
-                     f"{mach['cpu_model']} (flags: {', '.join(mach['cpu_flags']) or 'none of interest'}; "
-                     f"native bf16: {'yes' if mach['native_bf16'] else 'no'})")
+                     f"{describe_cpu(mach)}; flags: {', '.join(mach['cpu_flags']) or 'none of interest'}; "
+                     f"native bf16: {'yes' if mach['native_bf16'] else 'no'}")
     for run in result["runs"]:
         ls = run["layer_speedup"]
         lines += [

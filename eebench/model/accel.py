@@ -33,14 +33,17 @@ class CpuInfo:
     model: str
     flags: tuple[str, ...]  # the subset of _REPORTED_FLAGS the CPU has
     native_bf16: bool  # avx512_bf16 or AMX bf16: bf16 matmuls run in hardware
+    # "family F model M stepping S" (x86 /proc/cpuinfo): the kind of CPU where a virtual machine's
+    # model name is generic ("AMD EPYC" names Zen 1 and Zen 4 alike); "" where unknown
+    signature: str = ""
 
     def as_dict(self) -> dict:
-        return {"cpu_model": self.model, "cpu_flags": list(self.flags), "native_bf16": self.native_bf16,
-                "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        return {"cpu_model": self.model, "cpu_signature": self.signature, "cpu_flags": list(self.flags),
+                "native_bf16": self.native_bf16, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _proc_cpuinfo() -> tuple[str, set[str]]:
-    model, flags = "", set()
+def _proc_cpuinfo() -> tuple[str, set[str], str]:
+    model, flags, ids = "", set(), {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -50,16 +53,20 @@ def _proc_cpuinfo() -> tuple[str, set[str]]:
                     model = value.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = set(value.split())
+                elif key in ("cpu family", "model", "stepping") and key not in ids:
+                    ids[key] = value.strip()
     except OSError:  # not Linux: fall back to what torch can tell
         pass
-    return model, flags
+    signature = (f"family {ids['cpu family']} model {ids['model']} stepping {ids.get('stepping', '?')}"
+                 if "cpu family" in ids and "model" in ids else "")
+    return model, flags, signature
 
 
 @functools.cache
 def cpu_info() -> CpuInfo:
     """Model name and bf16-relevant flags of this CPU (Linux: /proc/cpuinfo; elsewhere torch's
     own cpuinfo probes)."""
-    model, flags = _proc_cpuinfo()
+    model, flags, signature = _proc_cpuinfo()
     probes = {"avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
               "amx_tile": getattr(torch.cpu, "_is_amx_tile_supported", None)}
     for flag, probe in probes.items():
@@ -69,7 +76,8 @@ def cpu_info() -> CpuInfo:
         except Exception:  # a private helper; its absence only loses a probe
             pass
     native = any(f in flags for f in BF16_FLAGS)
-    return CpuInfo(model or platform.processor() or "unknown", tuple(f for f in _REPORTED_FLAGS if f in flags), native)
+    return CpuInfo(model or platform.processor() or "unknown", tuple(f for f in _REPORTED_FLAGS if f in flags), native,
+                   signature)
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
@@ -79,6 +87,15 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
+
+
+def describe_cpu(machine: dict) -> str:
+    """A recorded machine's CPU in a few words: its model name and, where recorded, the kind behind it
+    (family / model / stepping) and the kernels torch picked ("AMD EPYC (family 23 model 1 stepping 2,
+    AVX2)"). Two cells are bit-reproducible against each other only if these agree. Results written
+    before the signature was recorded give the model name and capability alone."""
+    detail = ", ".join(x for x in (machine.get("cpu_signature"), machine.get("torch_cpu_capability")) if x)
+    return f"{machine.get('cpu_model') or 'unknown CPU'}" + (f" ({detail})" if detail else "")
 
 
 def check_attn_implementation(name: str) -> str:

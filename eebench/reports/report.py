@@ -15,6 +15,7 @@ from eebench.data.metrics import get_metric, majority_score
 from eebench.errors import EebenchError
 from eebench.exits.operating import SplitSpec, Target
 from eebench.exits.rule import metric_at_speedup
+from eebench.model.accel import describe_cpu
 from eebench.reports.analyses import _mean_std as _seed_mean_std
 from eebench.reports.grouping import group_cells  # noqa: F401 - re-exported
 from eebench.runs.plots import (  # noqa: F401 - re-exported: the report's plots and sweep tables
@@ -313,7 +314,7 @@ def cells_table(results: list[CellResult], signal: str | None = None, operating:
             if mach.get("gpu"):
                 where += f", {mach['gpu']}"
             if mach.get("cpu_model"):
-                where += f", {mach['cpu_model']}, {mach.get('torch_threads', '?')} thread(s)"
+                where += f", {describe_cpu(mach)}, {mach.get('torch_threads', '?')} thread(s)"
             confirm = [c for sw in r.sweeps.values() for c in sw.confirm]
             bad = sum(c["exit_mismatches"] + c["prediction_mismatches"] for c in confirm)
             t = r.training or {}
