@@ -34,12 +34,24 @@ KNOBS = {
 
 
 def test_every_knob_makes_a_new_cell(tmp_path, toy_task, tiny_backbone_dir, monkeypatch):
+    import eebench.model.accel as accel
+
+    # bf16 is a new cell only where it runs: on a CPU without native bf16 it resolves to fp32,
+    # which is the fp32 cell (checked below). The knobs are tried as on a CPU with native bf16,
+    # whatever CPU runs the test.
+    monkeypatch.setattr(accel, "cpu_info", lambda: accel.CpuInfo("Fake CPU with bf16", ("avx512_bf16",), True))
     base_cc, base = _cell(tmp_path, toy_task, tiny_backbone_dir, batch_size=32)
     hashes = {"base": base}
     for knob, value in KNOBS.items():
         cc, h = _cell(tmp_path, toy_task, tiny_backbone_dir, **{"batch_size": 32, knob: value})
         assert h != base, f"{knob}={value} did not change the cell"
         hashes[knob] = h
+    cc, h = _cell(tmp_path, toy_task, tiny_backbone_dir, batch_size=32, precision="bf16")
+    assert cc["precision"] == "bf16" and h == hashes["precision"]
+    # bf16 requested where it cannot run: it runs in fp32, so it is the fp32 cell, not a new one
+    monkeypatch.setattr(accel, "cpu_info", lambda: accel.CpuInfo("Fake CPU without bf16", ("avx2",), False))
+    assert _cell(tmp_path, toy_task, tiny_backbone_dir, batch_size=32, precision="bf16")[1] == base
+    monkeypatch.setattr(accel, "cpu_info", lambda: accel.CpuInfo("Fake CPU with bf16", ("avx512_bf16",), True))
     # train_subset matters once a subset is drawn
     a = _cell(tmp_path, toy_task, tiny_backbone_dir, batch_size=32, train_samples=50)[1]
     b = _cell(tmp_path, toy_task, tiny_backbone_dir, batch_size=32, train_samples=50, train_subset="first")[1]
